@@ -1,0 +1,409 @@
+"""Qwen-Image, Qwen-Image-Edit and Qwen-Image-Edit-Plus (2509/2511): every fact specific to this family.
+
+Read next to diffusers 0.42.1 `pipelines/qwenimage/pipeline_qwenimage{,_edit,_edit_plus}.py` and
+`models/transformers/transformer_qwenimage.py`, which this module reproduces stage by stage:
+
+* encode: chat template with a system prompt, last hidden layer of Qwen2.5-VL, the template prefix dropped
+  (34 tokens for text-to-image, 64 for the edit pipelines), text-to-image truncated to `max_sequence_length`;
+  edit prompts carry the input image(s) as vision tokens ("Picture k: ..." for Edit-Plus);
+* prepare: noise drawn `[K, 1, 16, h, w]` in the model dtype, packed to 2x2 tokens (channel slowest);
+  sigmas `linspace(1, 1/N, N)` shifted by `mu` from the noisy token count; edit images VAE-encoded (mode),
+  normalised and packed, one segment per image;
+* denoise: our DiT forward over the diffusers blocks with our attention processor: `[text, image]` joint
+  attention, RoPE tables in float32, the timestep rounded to the model dtype before `/ 1000`, Edit-2511's
+  `zero_cond_t`; true CFG with per-token norm rescale in the model dtype;
+* decode: `latents * std + mean`, VAE decode of the single frame.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.image_processor import VaeImageProcessor
+
+from common.attention import LOCAL_ATTENTION, AttentionBackend, AttentionLayout, Heads
+from common.cfg import qwen_true_cfg
+from common.checkpoint import ModelFolder
+from common.denoise import DenoiseJob, StepHooks, run_denoise_loop
+from common.latents import initial_noise, patchify, unpatchify
+from common.options import FamilyDefaults
+from common.rope import Rotary
+from common.schedule import Schedule, make_schedule
+from common.text import encoder_trunk, ensure_fp32_rotary, take_masked
+
+LATENT_CHANNELS = 16
+VAE_SCALE = 8  # 2 ** len(temperal_downsample)
+PATCH_MULTIPLE = VAE_SCALE * 2  # pixels per packed token side
+
+T2I_SYSTEM = (
+    "Describe the image by detailing the color, shape, size, texture, quantity, text, spatial relationships of "
+    "the objects and background:"
+)
+EDIT_SYSTEM = (
+    "Describe the key features of the input image (color, shape, size, texture, objects, background), then "
+    "explain how the user's text instruction should alter or modify the image. Generate a new image that meets "
+    "the user's requirements while maintaining consistency with the original input where appropriate."
+)
+IMAGE_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
+# Bump when anything that changes prompt embeddings for the same inputs changes (it is part of cache keys).
+TEMPLATE_VERSION = "qwen-1"
+
+
+def _template(system: str, user: str) -> str:
+    return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@dataclass(frozen=True)
+class QwenVariant:
+    name: str
+    system: str
+    drop_tokens: int  # template tokens the pipeline drops from the front of the embeddings
+    picture_labels: bool  # Edit-Plus labels each image slot "Picture k: "
+    truncate_embeddings: bool  # text-to-image cuts embeddings to max_sequence_length; edits do not
+    vl_area: int | None  # pixel area each input image is resized to for the vision-language encoder
+    vae_area: int | None  # pixel area each input image is resized to for the VAE
+
+    @property
+    def is_edit(self) -> bool:
+        return self.vae_area is not None
+
+    def user_text(self, prompt: str, num_images: int) -> str:
+        if not self.is_edit:
+            return prompt
+        if self.picture_labels:
+            return "".join(f"Picture {k + 1}: {IMAGE_SLOT}" for k in range(num_images)) + prompt
+        return IMAGE_SLOT + prompt
+
+
+VARIANTS = {
+    "qwen-image": QwenVariant("qwen-image", T2I_SYSTEM, 34, False, True, None, None),
+    "qwen-image-edit": QwenVariant("qwen-image-edit", EDIT_SYSTEM, 64, False, False, 1024 * 1024, 1024 * 1024),
+    "qwen-image-edit-plus": QwenVariant("qwen-image-edit-plus", EDIT_SYSTEM, 64, True, False, 384 * 384, 1024 * 1024),
+}
+
+_COMMON_DEFAULTS = dict(steps=50, guidance_scale=4.0, max_sequence_length=512, max_sequence_length_limit=1024)
+DEFAULTS = {
+    # One step makes the terminal stretch of the schedule divide by zero (NaN image): at least 2.
+    "qwen-image": FamilyDefaults(size=1024, min_steps=2, **_COMMON_DEFAULTS),
+    "qwen-image-edit": FamilyDefaults(size=None, min_steps=2, min_images=1, max_images=1, **_COMMON_DEFAULTS),
+    "qwen-image-edit-plus": FamilyDefaults(size=None, min_steps=2, min_images=1, max_images=4, **_COMMON_DEFAULTS),
+}
+
+_image_processor = VaeImageProcessor(vae_scale_factor=PATCH_MULTIPLE)
+
+
+# ---------------------------------------------------------------------------------------------------- geometry
+def calculate_dimensions(target_area: int, ratio: float) -> tuple[int, int]:
+    """(width, height) of about `target_area` pixels with aspect `ratio`, each a multiple of 32."""
+    width = math.sqrt(target_area * ratio)
+    height = width / ratio
+    return round(width / 32) * 32, round(height / 32) * 32
+
+
+@dataclass(frozen=True)
+class EditGeometry:
+    """Where each input image goes: sizes for the VL encoder and the VAE, and the default output size."""
+
+    vl_sizes: list[tuple[int, int]]  # (width, height) per image
+    vae_sizes: list[tuple[int, int]]
+    default_size: tuple[int, int]  # (width, height), already a multiple of 16
+
+
+def edit_geometry(variant: QwenVariant, image_sizes: list[tuple[int, int]]) -> EditGeometry:
+    vl = [calculate_dimensions(variant.vl_area, w / h) for w, h in image_sizes]
+    vae = [calculate_dimensions(variant.vae_area, w / h) for w, h in image_sizes]
+    # Edit sizes the output from its (only) image, Edit-Plus from the last one; both at 1024^2 area.
+    ref_w, ref_h = image_sizes[-1]
+    out_w, out_h = calculate_dimensions(1024 * 1024, ref_w / ref_h)
+    default = (out_w // PATCH_MULTIPLE * PATCH_MULTIPLE, out_h // PATCH_MULTIPLE * PATCH_MULTIPLE)
+    return EditGeometry(vl, vae, default)
+
+
+def default_size(family: str, image_sizes: list[tuple[int, int]]) -> tuple[int, int] | None:
+    variant = VARIANTS[family]
+    return edit_geometry(variant, image_sizes).default_size if variant.is_edit and image_sizes else None
+
+
+def token_grid(width: int, height: int) -> tuple[int, int, int]:
+    """`img_shapes` entry (frames, token rows, token cols) of an image of `width` x `height` pixels."""
+    return 1, height // PATCH_MULTIPLE, width // PATCH_MULTIPLE
+
+
+# ------------------------------------------------------------------------------------------------------ encode
+class QwenTextEncoder:
+    """Prompt (+ edit images) -> embeddings `[L, D]`, as `_get_qwen_prompt_embeds` + `encode_prompt` build them."""
+
+    def __init__(self, folder: ModelFolder, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.variant = VARIANTS[folder.family]
+        self.model = folder.load("text_encoder", dtype, device)
+        ensure_fp32_rotary(self.model)
+        self.tokenizer = folder.load("processor" if self.variant.is_edit else "tokenizer")
+        self.device = torch.device(device)
+        self.dtype = self.model.dtype
+
+    def vl_images(self, images: list[PIL.Image.Image]) -> list[PIL.Image.Image]:
+        sizes = edit_geometry(self.variant, [im.size for im in images]).vl_sizes
+        return [_image_processor.resize(im, h, w) for im, (w, h) in zip(images, sizes, strict=True)]
+
+    @torch.no_grad()
+    def encode(self, prompt: str, images: list[PIL.Image.Image], max_sequence_length: int) -> torch.Tensor:
+        text = _template(self.variant.system, self.variant.user_text(prompt, len(images)))
+        if self.variant.is_edit:
+            inputs = self.tokenizer(text=[text], images=self.vl_images(images), padding=True, return_tensors="pt")
+        else:
+            max_length = 1024 + self.variant.drop_tokens
+            inputs = self.tokenizer([text], max_length=max_length, padding=True, truncation=True, return_tensors="pt")
+        inputs = inputs.to(self.device)
+        hidden = encoder_trunk(self.model)(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            pixel_values=inputs.get("pixel_values"),
+            image_grid_thw=inputs.get("image_grid_thw"),
+            output_hidden_states=True,
+            use_cache=False,
+        ).hidden_states[-1]
+        embeds = take_masked(hidden[0], inputs["attention_mask"][0])[self.variant.drop_tokens :]
+        if self.variant.truncate_embeddings:
+            embeds = embeds[:max_sequence_length]
+        return embeds.to(self.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------- vae
+class QwenVae:
+    """Edit images -> packed condition latents; final packed latents -> images in [-1, 1]."""
+
+    def __init__(self, folder: ModelFolder, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.variant = VARIANTS[folder.family]
+        self.vae = folder.load("vae", dtype, device)
+        self.device = torch.device(device)
+        self.dtype = self.vae.dtype
+        config = self.vae.config
+        self._mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1)
+        self._std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1)
+
+    @torch.no_grad()
+    def encode_condition(self, images: list[PIL.Image.Image]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+        """Packed `[1, S_cond, 64]` latents of every image (concatenated) and their `img_shapes` entries."""
+        sizes = edit_geometry(self.variant, [im.size for im in images]).vae_sizes
+        packed, shapes = [], []
+        for image, (width, height) in zip(images, sizes, strict=True):
+            pixels = _image_processor.preprocess(image, height, width).unsqueeze(2)
+            pixels = pixels.to(device=self.device, dtype=self.dtype)
+            latents = self.vae.encode(pixels).latent_dist.mode()
+            mean = self._mean.to(latents.device, latents.dtype)
+            std = self._std.to(latents.device, latents.dtype)
+            latents = (latents - mean) / std
+            packed.append(patchify(latents[:, :, 0], channel_last=False))
+            shapes.append(token_grid(width, height))
+        return torch.cat(packed, dim=1), shapes
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """Packed `[K, S, 64]` -> images `[K, 3, H, W]` in [-1, 1] (before postprocessing)."""
+        grid = unpatchify(latents, 2 * (height // PATCH_MULTIPLE), 2 * (width // PATCH_MULTIPLE), channel_last=False)
+        grid = grid.unsqueeze(2).to(device=self.device, dtype=self.dtype)
+        inv_std = 1.0 / self._std.to(grid.device, grid.dtype)
+        grid = grid / inv_std + self._mean.to(grid.device, grid.dtype)
+        return self.vae.decode(grid, return_dict=False)[0][:, :, 0]
+
+
+# -------------------------------------------------------------------------------------------------- DiT forward
+class QwenJointAttnProcessor:
+    """Replaces the blocks' attention processor: QKV, QK-norm, float32 RoPE, then the layout's backend.
+
+    Text tokens are the replicated stream (placed before the image tokens); image tokens are the sharded one.
+    """
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: AttentionLayout | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        layout = image_rotary_emb
+        head_dim = attn.inner_dim // attn.heads
+        image = self._heads(attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k, hidden_states, head_dim)
+        text = self._heads(
+            attn.add_q_proj,
+            attn.add_k_proj,
+            attn.add_v_proj,
+            attn.norm_added_q,
+            attn.norm_added_k,
+            encoder_hidden_states,
+            head_dim,
+        )
+        image, text = image.rotated(layout.sharded_rotary), text.rotated(layout.replicated_rotary)
+        image_out, text_out = layout.backend.joint(image, text, True, layout.sharded_key_mask)
+        dtype = image.q.dtype
+        image_out = attn.to_out[0](image_out.flatten(2, 3).to(dtype).contiguous())
+        text_out = attn.to_add_out(text_out.flatten(2, 3).to(dtype).contiguous())
+        return image_out, text_out
+
+    @staticmethod
+    def _heads(to_q, to_k, to_v, norm_q, norm_k, x: torch.Tensor, head_dim: int) -> Heads:
+        q, k, v = (proj(x).unflatten(-1, (-1, head_dim)) for proj in (to_q, to_k, to_v))
+        return Heads(norm_q(q) if norm_q is not None else q, norm_k(k) if norm_k is not None else k, v)
+
+
+def qwen_rotary(
+    transformer: torch.nn.Module, img_shapes: list[tuple[int, int, int]], text_len: int
+) -> tuple[Rotary, Rotary]:
+    """float32 RoPE rows of every image token (in `img_shapes` order) and of `text_len` text tokens.
+
+    Entries are gathered from the transformer's own float32 tables (`pos_freqs`/`neg_freqs`): image `idx` sits
+    at frame `idx`, rows and columns centred on 0; text continues after the largest half image side.
+    """
+    rope = transformer.pos_embed
+    table = torch.cat([rope.neg_freqs, rope.pos_freqs], dim=0)  # row 4096 + p holds position p
+    zero = rope.neg_freqs.shape[0]
+    widths = [d // 2 for d in rope.axes_dim]
+    starts = np.cumsum([0, *widths[:-1]])
+    parts = []
+    max_index = 0
+    for idx, (frames, rows, cols) in enumerate(img_shapes):
+        f = torch.arange(idx, idx + frames)
+        y = torch.arange(rows) - (rows - rows // 2)
+        x = torch.arange(cols) - (cols - cols // 2)
+        grid = torch.stack(torch.meshgrid(f, y, x, indexing="ij"), dim=-1).reshape(-1, 3)
+        parts.append(_gather_axes(table, grid + zero, starts, widths))
+        max_index = max(max_index, rows // 2, cols // 2)
+    text_pos = torch.arange(max_index, max_index + text_len)[:, None].expand(-1, 3) + zero
+    text = _gather_axes(table, text_pos, starts, widths)
+    return Rotary.from_complex(torch.cat(parts)), Rotary.from_complex(text)
+
+
+def _gather_axes(table: torch.Tensor, positions: torch.Tensor, starts, widths) -> torch.Tensor:
+    """Per axis a, columns [start_a, start_a + width_a) of the table rows at `positions[:, a]`."""
+    return torch.cat(
+        [table[positions[:, a], s : s + w] for a, (s, w) in enumerate(zip(starts, widths, strict=True))], dim=-1
+    )
+
+
+class QwenDiT:
+    """Our top-level forward over `QwenImageTransformer2DModel`'s modules and weights."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        config = transformer.config
+        if config.get("use_additional_t_cond") or config.get("use_layer3d_rope") or config.get("guidance_embeds"):
+            raise ValueError("unsupported QwenImageTransformer2DModel variant (layered or guidance-distilled)")
+        self.transformer = transformer
+        self.zero_cond_t = bool(config.get("zero_cond_t", False))
+        processor = QwenJointAttnProcessor()
+        for block in transformer.transformer_blocks:
+            block.attn.set_processor(processor)
+
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,
+        text: torch.Tensor,
+        timestep: torch.Tensor,
+        layout: AttentionLayout,
+        modulate_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`hidden_states` `[B, S, 64]` packed tokens (noisy first, then edit images), `text` `[B, L, D]`,
+        `timestep` `[B]` already divided by 1000 -> prediction `[B, S, 64]` for every token."""
+        tr = self.transformer
+        hidden = tr.img_in(hidden_states)
+        timestep = timestep.to(hidden.dtype)
+        if self.zero_cond_t:
+            timestep = torch.cat([timestep, timestep * 0], dim=0)
+        text = tr.txt_in(tr.txt_norm(text))
+        temb = tr.time_text_embed(timestep, hidden)
+        for block in tr.transformer_blocks:
+            text, hidden = block(
+                hidden_states=hidden,
+                encoder_hidden_states=text,
+                encoder_hidden_states_mask=None,
+                temb=temb,
+                image_rotary_emb=layout,
+                modulate_index=modulate_index,
+            )
+        if self.zero_cond_t:
+            temb = temb.chunk(2, dim=0)[0]
+        return tr.proj_out(tr.norm_out(hidden, temb))
+
+
+# ------------------------------------------------------------------------------------------------------ denoise
+def latent_grid(width: int, height: int) -> tuple[int, int]:
+    """Latent (rows, cols) of the noisy image: 2 * (pixels // 16)."""
+    return 2 * (height // PATCH_MULTIPLE), 2 * (width // PATCH_MULTIPLE)
+
+
+def noise_for(seed: int, num_images: int, width: int, height: int, dtype: torch.dtype) -> torch.Tensor:
+    """The pipeline's draw: `[K, 1, 16, h, w]` in the model dtype from a CPU generator, packed to `[K, S, 64]`."""
+    rows, cols = latent_grid(width, height)
+    noise = initial_noise(seed, (num_images, 1, LATENT_CHANNELS, rows, cols), dtype)
+    return patchify(noise[:, 0], channel_last=False)
+
+
+def schedule_for(scheduler_config: dict, steps: int, width: int, height: int) -> Schedule:
+    rows, cols = latent_grid(width, height)
+    return make_schedule(scheduler_config, np.linspace(1.0, 1 / steps, steps), (rows // 2) * (cols // 2))
+
+
+class QwenDenoiser:
+    """The denoise stage: initial noise -> final packed latents, with true CFG when the job has a negative."""
+
+    def __init__(
+        self,
+        folder: ModelFolder,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        backend: AttentionBackend = LOCAL_ATTENTION,
+    ) -> None:
+        self.dit = QwenDiT(folder.load("transformer", dtype, device))
+        self.scheduler_config = dict(folder.scheduler_config())
+        self.device = torch.device(device)
+        self.dtype = self.dit.transformer.dtype
+        self.backend = backend
+
+    @torch.no_grad()
+    def run(self, job: DenoiseJob, hooks: StepHooks | None = None) -> torch.Tensor:
+        hooks = hooks or StepHooks()
+        opts = job.options
+        latents = noise_for(opts.seed, opts.num_images, opts.width, opts.height, self.dtype).to(self.device)
+        schedule = schedule_for(self.scheduler_config, opts.steps, opts.width, opts.height).to(self.device)
+        batch, noisy_len = latents.shape[0], latents.shape[1]
+        img_shapes = [token_grid(opts.width, opts.height), *job.condition_shapes]
+        condition = None
+        if job.condition_latents is not None:
+            condition = job.condition_latents.to(self.device, self.dtype).expand(batch, -1, -1)
+        modulate_index = None
+        if self.dit.zero_cond_t:
+            cond_len = 0 if condition is None else condition.shape[1]
+            modulate_index = (
+                torch.cat([torch.zeros(noisy_len, dtype=torch.int), torch.ones(cond_len, dtype=torch.int)])
+                .to(self.device)[None]
+                .expand(batch, -1)
+            )
+
+        branches = [("positive", job.prompt_embeds)]
+        if job.negative_embeds is not None:
+            branches.append(("negative", job.negative_embeds))
+        prepared = []
+        for name, embeds in branches:
+            text = embeds.to(self.device, self.dtype)[None].expand(batch, -1, -1)
+            image_rotary, text_rotary = qwen_rotary(self.dit.transformer, img_shapes, text.shape[1])
+            layout = AttentionLayout(self.backend, image_rotary.to(self.device), text_rotary.to(self.device))
+            prepared.append((name, text, layout))
+
+        def predict(latents: torch.Tensor, step: int) -> torch.Tensor:
+            timestep = schedule.timesteps[step].expand(batch).to(latents.dtype) / 1000
+            model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
+            outputs = []
+            for name, text, layout in prepared:
+                out = self.dit(model_input, text, timestep, layout, modulate_index)[:, :noisy_len]
+                hooks.model_output(step, name, out)
+                outputs.append(out)
+            if len(outputs) == 1:
+                return outputs[0]
+            return qwen_true_cfg(outputs[0], outputs[1], opts.guidance_scale)
+
+        return run_denoise_loop(predict, latents, schedule, hooks)

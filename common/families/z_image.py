@@ -1,0 +1,282 @@
+"""Z-Image and Z-Image-Turbo: every fact specific to this family.
+
+Read next to diffusers 0.42.1 `pipelines/z_image/pipeline_z_image.py` and
+`models/transformers/transformer_z_image.py`, which this module reproduces stage by stage:
+
+* encode: the tokenizer's own chat template (`enable_thinking=True`), padded to `max_sequence_length`, the
+  second-to-last hidden layer of the Qwen3 encoder, padding tokens removed;
+* prepare: noise drawn `[K, 16, h, w]` in float32; sigmas `torch.linspace(1, 1/N, N)` with the scheduler's
+  static shift (3 for Turbo);
+* denoise: our DiT forward over the diffusers layers with our attention processor. Image tokens (2x2 patches,
+  channel fastest) and caption tokens are each padded to a multiple of 32 with learned pad tokens, refined
+  separately, then joined `[image, caption]`. RoPE ids: caption k -> (1 + k, 0, 0), image (y, x) ->
+  (Lp + 1, y, x) with Lp the branch's own padded caption length, pads (0, 0, 0). The branches run as
+  separate forwards; CFG `pos + g (pos - neg)` with the optional norm clip and time truncation, in float32;
+  the prediction is negated before the Euler step and the latents stay float32;
+* decode: `latents / scaling_factor + shift_factor`, VAE decode.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF, RopeEmbedder
+
+from common.attention import LOCAL_ATTENTION, AttentionBackend, AttentionLayout, Heads
+from common.cfg import z_image_cfg
+from common.checkpoint import ModelFolder
+from common.denoise import DenoiseJob, StepHooks, run_denoise_loop
+from common.latents import initial_noise, patchify, unpatchify
+from common.options import FamilyDefaults
+from common.rope import Rotary
+from common.schedule import Schedule, make_schedule
+from common.text import encoder_trunk, ensure_fp32_rotary, take_masked
+
+LATENT_CHANNELS = 16
+PATCH_MULTIPLE = 16  # pixels per token side: VAE scale 8 x patch 2
+PATCH_KEY = "2-1"  # all_x_embedder / all_final_layer key: patch 2, frame patch 1
+TEMPLATE_VERSION = "z-image-1"
+
+DEFAULTS = {
+    "z-image": FamilyDefaults(
+        steps=50,
+        guidance_scale=5.0,
+        size=1024,
+        max_sequence_length=512,
+        # The caption's RoPE ids (1 + k, padded to 32) must stay inside the 1024-long first axis.
+        max_sequence_length_limit=960,
+        supports_cfg_options=True,
+        default_negative_prompt="",
+        cfg_above=0.0,
+    )
+}
+
+
+def padded_length(length: int) -> int:
+    return length + (-length) % SEQ_MULTI_OF
+
+
+# ------------------------------------------------------------------------------------------------------ encode
+class ZImageTextEncoder:
+    """Prompt -> caption features `[L, D]` (only the attended tokens), as `ZImagePipeline._encode_prompt`."""
+
+    def __init__(self, folder: ModelFolder, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.model = folder.load("text_encoder", dtype, device)
+        ensure_fp32_rotary(self.model)
+        self.tokenizer = folder.load("tokenizer")
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def encode(self, prompt: str, images: list, max_sequence_length: int) -> torch.Tensor:
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+        )
+        inputs = self.tokenizer(
+            [text], padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+        )
+        mask = inputs.attention_mask.to(self.device).bool()
+        hidden = encoder_trunk(self.model)(
+            input_ids=inputs.input_ids.to(self.device),
+            attention_mask=mask,
+            output_hidden_states=True,
+            use_cache=False,
+        ).hidden_states[-2]
+        return take_masked(hidden[0], mask[0])
+
+
+# --------------------------------------------------------------------------------------------------------- vae
+class ZImageVae:
+    def __init__(self, folder: ModelFolder, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.vae = folder.load("vae", dtype, device)
+        self.device = torch.device(device)
+        self.dtype = self.vae.dtype
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """Latents `[K, 16, h, w]` -> images `[K, 3, H, W]` in [-1, 1] (before postprocessing)."""
+        config = self.vae.config
+        latents = latents.to(device=self.device, dtype=self.dtype)
+        latents = latents / config.scaling_factor + config.shift_factor
+        return self.vae.decode(latents, return_dict=False)[0]
+
+
+# -------------------------------------------------------------------------------------------------- DiT forward
+class ZImageAttnProcessor:
+    """Replaces the layers' attention processor: QKV, QK-norm, float32 RoPE, then the layout's backend.
+
+    The last `layout.num_replicated` tokens of the sequence (the caption in the main layers) are replicated;
+    the rest are sharded.
+    """
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        freqs_cis: AttentionLayout | None = None,
+    ) -> torch.Tensor:
+        layout = freqs_cis
+        q, k, v = (proj(hidden_states).unflatten(-1, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        heads = Heads(q, k, v)
+        split = q.shape[1] - layout.num_replicated
+        sharded = heads.rows(0, split).rotated(layout.sharded_rotary) if split > 0 else None
+        replicated = heads.rows(split).rotated(layout.replicated_rotary) if layout.num_replicated else None
+        sharded_out, replicated_out = layout.backend.joint(sharded, replicated, False, layout.sharded_key_mask)
+        out = torch.cat([o for o in (sharded_out, replicated_out) if o is not None], dim=1)
+        return attn.to_out[0](out.flatten(2, 3).to(q.dtype))
+
+
+class ZImageRope:
+    """RoPE rows by 3-axis position id, from the same float64-built tables as the transformer's `RopeEmbedder`."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        config = transformer.config
+        self.tables = RopeEmbedder.precompute_freqs_cis(config.axes_dims, config.axes_lens, theta=config.rope_theta)
+
+    def __call__(self, ids: torch.Tensor) -> Rotary:
+        return Rotary.from_complex(torch.cat([table[ids[:, a]] for a, table in enumerate(self.tables)], dim=-1))
+
+
+def caption_ids(padded_len: int) -> torch.Tensor:
+    """Caption token k (pads included) -> (1 + k, 0, 0)."""
+    ids = torch.zeros(padded_len, 3, dtype=torch.long)
+    ids[:, 0] = torch.arange(1, padded_len + 1)
+    return ids
+
+
+def image_ids(rows: int, cols: int, caption_padded_len: int) -> torch.Tensor:
+    """Image token (y, x) -> (Lp + 1, y, x), raster order; pads to a multiple of 32 -> (0, 0, 0)."""
+    y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    real = torch.stack([torch.full_like(y, caption_padded_len + 1), y, x], dim=-1).reshape(-1, 3)
+    pads = torch.zeros(padded_length(rows * cols) - rows * cols, 3, dtype=torch.long)
+    return torch.cat([real, pads])
+
+
+class ZImageDiT:
+    """Our top-level forward over `ZImageTransformer2DModel`'s modules and weights (basic, non-omni mode)."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        if transformer.config.get("siglip_feat_dim") is not None:
+            raise ValueError("unsupported ZImageTransformer2DModel variant (omni / SigLIP)")
+        self.transformer = transformer
+        self.rope = ZImageRope(transformer)
+        processor = ZImageAttnProcessor()
+        for layer in (*transformer.noise_refiner, *transformer.context_refiner, *transformer.layers):
+            layer.attention.set_processor(processor)
+
+    def embed_caption(self, caption: torch.Tensor, backend: AttentionBackend) -> tuple[torch.Tensor, Rotary]:
+        """Caption features `[L, Dc]` -> refined caption tokens `[1, Lp, dim]` and their RoPE rows."""
+        tr = self.transformer
+        length = caption.shape[0]
+        tokens = tr.cap_embedder(caption)
+        pad = tr.cap_pad_token.to(tokens.dtype).expand(padded_length(length) - length, -1)
+        tokens = torch.cat([tokens, pad])[None]
+        rotary = self.rope(caption_ids(tokens.shape[1])).to(tokens.device)
+        layout = AttentionLayout(backend, None, rotary, num_replicated=tokens.shape[1])
+        for layer in tr.context_refiner:
+            tokens = layer(tokens, None, layout)
+        return tokens, rotary
+
+    def __call__(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        caption: torch.Tensor,
+        backend: AttentionBackend = LOCAL_ATTENTION,
+    ) -> torch.Tensor:
+        """`latents` `[B, 16, h, w]` in the model dtype, `timestep` `[B]` = (1000 - t) / 1000 in float32,
+        `caption` `[L, Dc]` shared by the batch -> model output `[B, 16, h, w]` (not yet negated)."""
+        tr = self.transformer
+        batch, _, height, width = latents.shape
+        rows, cols = height // 2, width // 2
+        adaln = tr.t_embedder(timestep * tr.t_scale).type_as(latents)
+
+        caption_tokens, caption_rotary = self.embed_caption(caption, backend)
+        caption_tokens = caption_tokens.expand(batch, -1, -1)
+
+        image = tr.all_x_embedder[PATCH_KEY](patchify(latents, channel_last=True))
+        num_real = rows * cols
+        pad = tr.x_pad_token.to(image.dtype).expand(batch, padded_length(num_real) - num_real, -1)
+        image = torch.cat([image, pad], dim=1)
+        image_rotary = self.rope(image_ids(rows, cols, caption_tokens.shape[1])).to(image.device)
+
+        refine = AttentionLayout(backend, image_rotary, None)
+        for layer in tr.noise_refiner:
+            image = layer(image, None, refine, adaln)
+
+        unified = torch.cat([image, caption_tokens], dim=1)
+        joint = AttentionLayout(backend, image_rotary, caption_rotary, num_replicated=caption_tokens.shape[1])
+        for layer in tr.layers:
+            unified = layer(unified, None, joint, adaln)
+        out = tr.all_final_layer[PATCH_KEY](unified, c=adaln)
+        return unpatchify(out[:, :num_real], height, width, channel_last=True)
+
+
+# ------------------------------------------------------------------------------------------------------ denoise
+def latent_grid(width: int, height: int) -> tuple[int, int]:
+    return 2 * (height // PATCH_MULTIPLE), 2 * (width // PATCH_MULTIPLE)
+
+
+def noise_for(seed: int, num_images: int, width: int, height: int) -> torch.Tensor:
+    """The pipeline's draw: `[K, 16, h, w]` float32 from a CPU generator."""
+    rows, cols = latent_grid(width, height)
+    return initial_noise(seed, (num_images, LATENT_CHANNELS, rows, cols), torch.float32)
+
+
+def schedule_for(scheduler_config: dict, steps: int, width: int, height: int) -> Schedule:
+    rows, cols = latent_grid(width, height)
+    base = torch.linspace(1.0, 1 / steps, steps).tolist()  # a float32 grid, as get_default_z_image_sigmas
+    return make_schedule(scheduler_config, base, (rows // 2) * (cols // 2))
+
+
+def guidance_per_step(schedule: Schedule, scale: float, truncation: float) -> list[float]:
+    """The CFG scale of each step: 0 where `cfg_truncation` cuts it off ((1000 - t) / 1000 > truncation)."""
+    if truncation is None or float(truncation) > 1:
+        return [scale] * schedule.num_steps
+    t_norms = ((1000 - schedule.timesteps.float()) / 1000).tolist()
+    return [0.0 if t_norm > truncation else scale for t_norm in t_norms]
+
+
+class ZImageDenoiser:
+    """The denoise stage: float32 noise -> float32 final latents `[K, 16, h, w]`."""
+
+    def __init__(
+        self,
+        folder: ModelFolder,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        backend: AttentionBackend = LOCAL_ATTENTION,
+    ) -> None:
+        self.dit = ZImageDiT(folder.load("transformer", dtype, device))
+        self.scheduler_config = dict(folder.scheduler_config())
+        self.device = torch.device(device)
+        self.dtype = self.dit.transformer.dtype
+        self.backend = backend
+
+    @torch.no_grad()
+    def run(self, job: DenoiseJob, hooks: StepHooks | None = None) -> torch.Tensor:
+        hooks = hooks or StepHooks()
+        opts = job.options
+        latents = noise_for(opts.seed, opts.num_images, opts.width, opts.height).to(self.device)
+        schedule = schedule_for(self.scheduler_config, opts.steps, opts.width, opts.height).to(self.device)
+        scales = guidance_per_step(schedule, opts.guidance_scale, opts.cfg_truncation) if opts.uses_cfg else None
+        batch = latents.shape[0]
+        positive = job.prompt_embeds.to(self.device, self.dtype)
+        negative = None if job.negative_embeds is None else job.negative_embeds.to(self.device, self.dtype)
+
+        def predict(latents: torch.Tensor, step: int) -> torch.Tensor:
+            timestep = (1000 - schedule.timesteps[step].expand(batch)) / 1000
+            model_input = latents.to(self.dtype)
+            pos = self.dit(model_input, timestep, positive, self.backend)
+            hooks.model_output(step, "positive", pos)
+            if scales is None or scales[step] <= 0:
+                return -pos.float()
+            neg = self.dit(model_input, timestep, negative, self.backend)
+            hooks.model_output(step, "negative", neg)
+            return -z_image_cfg(pos.float(), neg.float(), scales[step], opts.cfg_normalization)
+
+        return run_denoise_loop(predict, latents, schedule, hooks)

@@ -1,0 +1,78 @@
+"""Image input and output: decoding user images safely, postprocessing, and writing files."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.image_processor import VaeImageProcessor
+
+from common.errors import InvalidArgument
+
+_postprocessor = VaeImageProcessor(vae_scale_factor=16)
+OUTPUT_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def to_float_array(images: torch.Tensor) -> np.ndarray:
+    """VAE output `[K, 3, H, W]` in [-1, 1] -> float32 `[K, H, W, 3]` in [0, 1], as `output_type="np"`."""
+    return _postprocessor.postprocess(images, output_type="np")
+
+
+def to_pil(array: np.ndarray) -> list[PIL.Image.Image]:
+    """float `[K, H, W, 3]` in [0, 1] -> PIL images, rounding as the pipelines' `output_type="pil"`."""
+    return VaeImageProcessor.numpy_to_pil(array)
+
+
+def decode_image(data: bytes, field: str = "images", max_pixels: int = 64 * 1024 * 1024) -> PIL.Image.Image:
+    """Bytes of a PNG/JPEG/WEBP/... -> RGB PIL image; refuses unreadable data and decompression bombs."""
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+            if width * height > max_pixels:
+                raise InvalidArgument(field, f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
+            probe.load()
+            return probe.convert("RGB")
+    except InvalidArgument:
+        raise
+    except (PIL.UnidentifiedImageError, OSError, ValueError, PIL.Image.DecompressionBombError) as exc:
+        raise InvalidArgument(field, f"not a readable image ({exc})") from exc
+
+
+def load_image_file(path: str | Path, field: str = "image") -> PIL.Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidArgument(field, f"no such file: {path}")
+    return decode_image(path.read_bytes(), field)
+
+
+def encode_image(image: PIL.Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_outputs(array: np.ndarray, output: str | Path) -> list[Path]:
+    """Write `[K, H, W, 3]` images: `.npy` holds the float32 array; image suffixes write one file per image
+    (`{i}` in the name numbers them; without it, several images get `-i` before the suffix)."""
+    output = Path(output)
+    suffix = output.suffix.lower()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".npy":
+        np.save(output, array.astype(np.float32))
+        return [output]
+    if suffix not in OUTPUT_SUFFIXES:
+        raise InvalidArgument("output", f"unsupported suffix {suffix!r}: use .png, .jpg, .webp or .npy")
+    paths = []
+    for i, image in enumerate(to_pil(array)):
+        if "{i}" in output.name:
+            path = output.with_name(output.name.replace("{i}", str(i)))
+        elif len(array) > 1:
+            path = output.with_name(f"{output.stem}-{i}{output.suffix}")
+        else:
+            path = output
+        image.save(path, format=OUTPUT_SUFFIXES[suffix])
+        paths.append(path)
+    return paths

@@ -1,0 +1,62 @@
+"""All four stages in one process: the embedded default behind `imagegen generate/edit` without `--target`.
+
+Each stage object is the same one a service hosts; this class only wires them in order
+(encode -> VAE-encode edit images -> denoise -> decode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from common.checkpoint import open_model_folder, parse_dtype
+from common.denoise import DenoiseJob, StepHooks
+from common.families import Family, get_family
+from common.images import to_float_array
+from common.options import Limits, RequestOptions, ResolvedOptions, resolve_options
+
+
+def resolve_for(family: Family, options: RequestOptions, images: Sequence[PIL.Image.Image], limits: Limits = Limits()):
+    sizes = [im.size for im in images]
+    default = family.default_size(sizes) if sizes else None
+    return resolve_options(family.name, family.defaults, options, len(images), limits, default)
+
+
+class Pipeline:
+    def __init__(self, model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> None:
+        self.folder = open_model_folder(model_dir)
+        self.family = get_family(self.folder.family)
+        dtype = parse_dtype(dtype)
+        self.text_encoder = self.family.text_encoder(self.folder, dtype, device)
+        self.vae = self.family.vae(self.folder, dtype, device)
+        self.denoiser = self.family.denoiser(self.folder, dtype, device)
+
+    def resolve(self, options: RequestOptions, images: Sequence[PIL.Image.Image] = ()) -> ResolvedOptions:
+        return resolve_for(self.family, options, images)
+
+    def job(self, resolved: ResolvedOptions, images: Sequence[PIL.Image.Image] = ()) -> DenoiseJob:
+        images = list(images)
+        encode = self.text_encoder.encode
+        prompt_embeds = encode(resolved.prompt, images, resolved.max_sequence_length)
+        negative = None
+        if resolved.uses_cfg:
+            negative = encode(resolved.negative_prompt, images, resolved.max_sequence_length)
+        condition, shapes = (None, [])
+        if images:
+            condition, shapes = self.vae.encode_condition(images)
+        return DenoiseJob(resolved, prompt_embeds, negative, condition, shapes)
+
+    def __call__(
+        self,
+        options: RequestOptions,
+        images: Sequence[PIL.Image.Image] = (),
+        hooks: StepHooks | None = None,
+    ) -> np.ndarray:
+        """Float32 images `[K, H, W, 3]` in [0, 1]."""
+        resolved = self.resolve(options, images)
+        latents = self.denoiser.run(self.job(resolved, images), hooks)
+        return to_float_array(self.vae.decode(latents, resolved.width, resolved.height))

@@ -1,0 +1,220 @@
+"""`imagegen` command line: generate/edit in one process (or against a gateway), build tiny checkpoints,
+and start services.
+
+Every failure the user can fix (a bad option, a missing file, an unusable model folder) ends the command with
+one line on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+DEFAULTS_HELP = """\
+Defaults (each equals the diffusers 0.42.1 pipeline's default for the family):
+  qwen-image            steps 50, guidance (true_cfg_scale) 4.0, 1024x1024, max sequence length 512,
+                        no negative prompt (so no CFG unless --negative-prompt is given)
+  qwen-image-edit(-plus) steps 50, guidance (true_cfg_scale) 4.0, size from the (last) input image at about
+                        1024x1024 pixels, no negative prompt
+  z-image               steps 50, guidance 5.0 (CFG on when > 0, negative prompt "" by default),
+                        1024x1024, max sequence length 512, cfg normalization off, cfg truncation 1.0
+  Z-Image-Turbo checkpoints are run with --steps 8 --guidance-scale 0.
+The seed defaults to a random one, printed so that the image can be reproduced.
+"""
+
+
+def _add_request_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="diffusers-format model folder (default: a tiny demo checkpoint)")
+    parser.add_argument(
+        "--family",
+        choices=["qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "z-image"],
+        help="with no --model: which tiny demo checkpoint to build and use",
+    )
+    parser.add_argument("--target", help="HOST:PORT of a running gateway; default: run in this process")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", help="enables CFG (Qwen: with --guidance-scale > 1)")
+    parser.add_argument("--width", type=int, help="multiple of 16")
+    parser.add_argument("--height", type=int, help="multiple of 16")
+    parser.add_argument("--steps", type=int, help="denoising steps")
+    parser.add_argument(
+        "--guidance-scale", type=float, help="true_cfg_scale for the Qwen families, guidance_scale for Z-Image"
+    )
+    parser.add_argument("--cfg-normalization", type=float, help="Z-Image: clip the guided norm to X * ||positive||")
+    parser.add_argument("--cfg-truncation", type=float, help="Z-Image: no CFG on steps with (1000 - t)/1000 > X")
+    parser.add_argument("--max-sequence-length", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--num-images", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default: float32)")
+    parser.add_argument("--sp", type=int, default=1, help="sequence-parallel degree (processes on this machine)")
+    parser.add_argument("--cfg-parallel", action="store_true", help="run the CFG branches on separate processes")
+    parser.add_argument("--api-key", default=os.environ.get("IMAGEGEN_API_KEY"), help="with --target")
+    parser.add_argument(
+        "--output", required=True, help="PATH.png/.jpg/.webp ({i} numbers several images) or PATH.npy (float32)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imagegen", description="Diffusion image generation, exact to diffusers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser(
+        "generate",
+        help="text to image",
+        epilog=DEFAULTS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_request_options(generate)
+
+    edit = commands.add_parser(
+        "edit",
+        help="edit images with a prompt",
+        epilog=DEFAULTS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    edit.add_argument("--image", action="append", required=True, help="input image (repeat for Edit-Plus)")
+    _add_request_options(edit)
+
+    tiny = commands.add_parser("make-tiny", help="build a tiny random-weight checkpoint of the real classes")
+    tiny.add_argument(
+        "--family", required=True, choices=["qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "z-image"]
+    )
+    tiny.add_argument("--variant", help="z-image: turbo; qwen-image-edit-plus: 2511")
+    tiny.add_argument("--out", required=True)
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from common.errors import ImagegenError
+
+    try:
+        if args.command == "make-tiny":
+            return _make_tiny(args)
+        return _generate(args)
+    except ImagegenError as exc:
+        print(f"imagegen: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("imagegen: interrupted", file=sys.stderr)
+        return 130
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from common.errors import InvalidArgument
+    from common.tiny import build_tiny_checkpoint
+
+    try:
+        path = build_tiny_checkpoint(args.family, args.out, seed=args.seed, variant=args.variant)
+    except ValueError as exc:
+        raise InvalidArgument("variant" if args.variant else "family", str(exc)) from exc
+    print(path)
+    return 0
+
+
+def _request_options(args: argparse.Namespace):
+    from common.options import RequestOptions
+
+    return RequestOptions(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        cfg_normalization=args.cfg_normalization,
+        cfg_truncation=args.cfg_truncation,
+        max_sequence_length=args.max_sequence_length,
+        seed=args.seed,
+        num_images=args.num_images,
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from common.errors import InvalidArgument
+    from common.images import OUTPUT_SUFFIXES, load_image_file, write_outputs
+
+    suffix = Path(args.output).suffix.lower()
+    if suffix not in {*OUTPUT_SUFFIXES, ".npy"}:
+        raise InvalidArgument("output", f"unsupported suffix {suffix!r}: use .png, .jpg, .webp or .npy")
+    images = [load_image_file(p) for p in getattr(args, "image", None) or []]
+    options = _request_options(args)
+    if args.target:
+        from imagegen.sdk import run_remote
+
+        array = run_remote(args, options, images)
+    else:
+        array = _run_local(args, options, images)
+    for path in write_outputs(array, args.output):
+        print(path)
+    return 0
+
+
+def _run_local(args: argparse.Namespace, options, images):
+    from common.errors import InvalidArgument
+
+    if args.sp < 1:
+        raise InvalidArgument("sp", f"must be at least 1, got {args.sp}")
+    model = args.model or str(_demo_checkpoint(args))
+    if args.sp > 1 or args.cfg_parallel:
+        from common.parallel.launch import run_parallel
+
+        return run_parallel(model, options, images, args)
+    return _run_in_process(model, options, images, args)
+
+
+def _run_in_process(model: str, options, images, args: argparse.Namespace):
+    import torch
+
+    from common.denoise import StepHooks
+    from common.pipeline import Pipeline
+
+    torch.set_grad_enabled(False)
+    pipeline = Pipeline(model, dtype=args.dtype, device=args.device)
+    resolved = pipeline.resolve(options, images)
+    print(f"seed {resolved.seed}", file=sys.stderr)
+    from dataclasses import replace
+
+    options = replace(options, seed=resolved.seed)
+    with _progress(resolved.steps) as progress:
+        return pipeline(options, images, StepHooks(on_step=progress))
+
+
+def _demo_checkpoint(args: argparse.Namespace) -> Path:
+    from common.tiny import tiny_checkpoint_cached
+
+    family = args.family or ("qwen-image-edit" if args.command == "edit" else "qwen-image")
+    return tiny_checkpoint_cached(family)
+
+
+class _progress:
+    """A tqdm bar over the denoising steps when stderr is a terminal; silent otherwise."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar = None
+
+    def __enter__(self):
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc="denoising", unit="step", file=sys.stderr)
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
