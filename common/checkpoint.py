@@ -61,6 +61,19 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+def parse_device(name: str | torch.device) -> torch.device:
+    """A torch device that exists on this machine; `cuda` without a usable GPU is refused up front."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"unknown device {name!r}: use cpu or cuda") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} requested but no CUDA GPU is available")
+    if device.type not in {"cpu", "cuda"}:
+        raise ModelLoadError(f"unsupported device {name!r}: use cpu or cuda")
+    return device
+
+
 @dataclass(frozen=True)
 class ModelFolder:
     path: Path
@@ -119,8 +132,18 @@ class ModelFolder:
         return digest.hexdigest()[:16]
 
 
+def quiet_hub_progress() -> None:
+    """Loading bars of transformers/diffusers are noise in CLI output and service logs."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def open_model_folder(path: str | Path) -> ModelFolder:
     """Read `model_index.json` and find the family; errors name the file or class at fault."""
+    quiet_hub_progress()
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"model folder not found: {path}")

@@ -13,7 +13,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from common.checkpoint import open_model_folder, parse_dtype
+from common.checkpoint import open_model_folder, parse_device, parse_dtype
 from common.denoise import DenoiseJob, StepHooks
 from common.families import Family, get_family
 from common.images import to_float_array
@@ -27,10 +27,12 @@ def resolve_for(family: Family, options: RequestOptions, images: Sequence[PIL.Im
 
 
 class Pipeline:
-    def __init__(self, model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> None:
+    def __init__(
+        self, model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
+    ) -> None:
         self.folder = open_model_folder(model_dir)
         self.family = get_family(self.folder.family)
-        dtype = parse_dtype(dtype)
+        dtype, device = parse_dtype(dtype), parse_device(device)
         self.text_encoder = self.family.text_encoder(self.folder, dtype, device)
         self.vae = self.family.vae(self.folder, dtype, device)
         self.denoiser = self.family.denoiser(self.folder, dtype, device)

@@ -1,0 +1,149 @@
+"""Run a diffusers 0.42.1 pipeline and our runtime on the same tiny checkpoint, capturing every DiT output.
+
+Shared by the parity tests of the in-process runtime, the sequence-parallel runtime and the services.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+
+from common.denoise import StepHooks
+from common.options import RequestOptions
+from common.pipeline import Pipeline
+
+THREADS = 2  # CPU results move by ~1e-6 with the thread count: every comparison pins it
+TOLERANCE = 1e-5
+
+# Long enough that its padded Z-Image caption is longer than the positive one by more than 32 tokens.
+LONG_NEGATIVE = (
+    "blurry, low quality, jpeg artifacts, oversaturated, washed out colors, bad anatomy, extra limbs, watermark, "
+    "signature, text, cropped, out of frame, duplicate, deformed, ugly, noisy, grainy, overexposed, underexposed, "
+    "distorted perspective, tiling, poorly drawn hands, poorly drawn face, mutation, disfigured, cartoonish"
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One parity scenario: a tiny checkpoint, request options and the sizes of random input images."""
+
+    name: str
+    family: str
+    options: RequestOptions
+    variant: str | None = None
+    image_sizes: tuple[tuple[int, int], ...] = ()
+
+    def images(self) -> list[PIL.Image.Image]:
+        rng = np.random.default_rng(7)
+        return [
+            PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB") for w, h in self.image_sizes
+        ]
+
+    def with_options(self, **changes) -> Case:
+        return dataclasses.replace(self, options=dataclasses.replace(self.options, **changes))
+
+
+@dataclass
+class Run:
+    """Final images `[K, H, W, 3]` and the DiT outputs by (step, branch), each `[K, ...]`."""
+
+    images: np.ndarray
+    outputs: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+
+def diffusers_kwargs(case: Case, images: list[PIL.Image.Image]) -> dict:
+    o = case.options
+    kwargs = dict(
+        prompt=o.prompt,
+        negative_prompt=o.negative_prompt,
+        num_inference_steps=o.steps,
+        width=o.width,
+        height=o.height,
+        num_images_per_prompt=o.num_images,
+        generator=torch.Generator("cpu").manual_seed(o.seed),
+        output_type="np",
+    )
+    if o.max_sequence_length is not None:
+        kwargs["max_sequence_length"] = o.max_sequence_length
+    if case.family == "z-image":
+        kwargs["guidance_scale"] = 5.0 if o.guidance_scale is None else o.guidance_scale
+        if o.cfg_normalization is not None:
+            kwargs["cfg_normalization"] = o.cfg_normalization
+        if o.cfg_truncation is not None:
+            kwargs["cfg_truncation"] = o.cfg_truncation
+    elif o.guidance_scale is not None:
+        kwargs["true_cfg_scale"] = o.guidance_scale
+    if images:
+        kwargs["image"] = images if case.family == "qwen-image-edit-plus" else images[0]
+    return kwargs
+
+
+def run_diffusers(path: Path, case: Case) -> Run:
+    """The official pipeline, with a forward hook on the transformer recording each branch's raw output."""
+    pipe = DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    calls: list = []
+    pipe.transformer.register_forward_hook(
+        lambda module, args, out: calls.append(out[0] if isinstance(out, tuple) else out.sample)
+    )
+    images = pipe(**diffusers_kwargs(case, case.images())).images
+    return Run(images, _label_diffusers_calls(case, calls))
+
+
+def _label_diffusers_calls(case: Case, calls: list) -> dict[tuple[int, str], torch.Tensor]:
+    outputs = {}
+    if case.family == "z-image":
+        # One batched call per step: K positive samples, then K negative ones when CFG runs at that step.
+        k = case.options.num_images
+        for step, samples in enumerate(calls):
+            stacked = torch.stack([s[:, 0] for s in samples])
+            outputs[(step, "positive")] = stacked[:k]
+            if len(samples) > k:
+                outputs[(step, "negative")] = stacked[k:]
+        return outputs
+    branches = ["positive", "negative"] if case.options.negative_prompt is not None else ["positive"]
+    for i, out in enumerate(calls):
+        outputs[(i // len(branches), branches[i % len(branches)])] = out
+    return outputs
+
+
+def run_ours(path: Path, case: Case, pipeline: Pipeline | None = None) -> Run:
+    pipeline = pipeline or Pipeline(path)
+    outputs: dict[tuple[int, str], torch.Tensor] = {}
+
+    def record(step: int, branch: str, output: torch.Tensor) -> None:
+        outputs[(step, branch)] = output.detach().clone()
+
+    images = pipeline(case.options, case.images(), StepHooks(on_model_output=record))
+    return Run(images, outputs)
+
+
+def max_diff(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
+    a = torch.as_tensor(np.asarray(a)) if not isinstance(a, torch.Tensor) else a
+    b = torch.as_tensor(np.asarray(b)) if not isinstance(b, torch.Tensor) else b
+    assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
+    return (a.double() - b.double()).abs().max().item()
+
+
+def compare_runs(ours: Run, reference: Run) -> dict[str, float]:
+    """Max |diff| of the images and of every step's DiT output (ours may be the noisy-token slice)."""
+    assert sorted(ours.outputs) == sorted(reference.outputs), "different (step, branch) calls"
+    diffs = {"image": max_diff(ours.images, reference.images)}
+    for key, out in ours.outputs.items():
+        ref = reference.outputs[key]
+        if ref.dim() == 3:  # Qwen: the reference includes the condition-image tokens
+            ref = ref[:, : out.shape[1]]
+        diffs[f"step{key[0]}-{key[1]}"] = max_diff(out, ref)
+    return diffs
+
+
+def assert_parity(ours: Run, reference: Run, tolerance: float = TOLERANCE) -> None:
+    diffs = compare_runs(ours, reference)
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] <= tolerance, f"max |diff| {diffs[worst]:.3g} at {worst} (all: {diffs})"
