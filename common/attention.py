@@ -48,58 +48,51 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tens
 
 class AttentionBackend(Protocol):
     def joint(
-        self,
-        sharded: Heads | None,
-        replicated: Heads | None,
-        replicated_first: bool,
-        sharded_key_mask: torch.Tensor | None = None,
+        self, sharded: Heads | None, replicated: Heads | None, replicated_first: bool
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Attend over `replicated` and `sharded` tokens together; return each part's output `[B, S, H, D]`.
-
-        `sharded_key_mask` (`[B, S_sharded]`, True = attend) hides padding among the sharded tokens.
-        """
+        """Attend over `replicated` and `sharded` tokens together; return each part's output `[B, S, H, D]`."""
         ...
-
-
-def _joint_key_mask(
-    sharded: Heads | None, replicated: Heads | None, replicated_first: bool, sharded_key_mask: torch.Tensor | None
-) -> torch.Tensor | None:
-    if sharded_key_mask is None or replicated is None:
-        return sharded_key_mask
-    batch = sharded_key_mask.shape[0]
-    ones = torch.ones(batch, len(replicated), dtype=torch.bool, device=sharded_key_mask.device)
-    return torch.cat([ones, sharded_key_mask] if replicated_first else [sharded_key_mask, ones], dim=1)
 
 
 def attend_in_order(
     sharded: Heads | None,
     replicated: Heads | None,
     replicated_first: bool,
-    sharded_key_mask: torch.Tensor | None = None,
+    padding: Heads | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """One SDPA over `[replicated, sharded]` (or `[sharded, replicated]`), split back into the two parts."""
+    """One SDPA over `[replicated, sharded]` (or `[sharded, replicated]`), split back into the two parts.
+
+    `padding` rows (sequence-parallel fill) go last, masked as keys, so the real keys keep exactly the order and
+    blocking one process gives them; their query outputs are appended to the sharded output.
+    """
     parts = [p for p in ((replicated, sharded) if replicated_first else (sharded, replicated)) if p is not None]
-    if len(parts) == 1:
-        out = sdpa(parts[0].q, parts[0].k, parts[0].v, sharded_key_mask if replicated is None else None)
-        return (out, None) if replicated is None else (None, out)
+    if padding is not None:
+        parts.append(padding)
     q, k, v = (torch.cat([getattr(p, name) for p in parts], dim=1) for name in ("q", "k", "v"))
-    out = sdpa(q, k, v, _joint_key_mask(sharded, replicated, replicated_first, sharded_key_mask))
-    first = len(parts[0])
-    head, tail = out[:, :first], out[:, first:]
-    return (tail, head) if replicated_first else (head, tail)
+    key_mask = None
+    if padding is not None:
+        key_mask = torch.ones(q.shape[0], q.shape[1], dtype=torch.bool, device=q.device)
+        key_mask[:, q.shape[1] - len(padding) :] = False
+    pieces = list(sdpa(q, k, v, key_mask).split([len(p) for p in parts], dim=1))
+    padding_out = pieces.pop() if padding is not None else None
+    if sharded is None:
+        return None, pieces[0]
+    if replicated is None:
+        sharded_out, replicated_out = pieces[0], None
+    else:
+        replicated_out, sharded_out = pieces if replicated_first else pieces[::-1]
+    if padding_out is not None:
+        sharded_out = torch.cat([sharded_out, padding_out], dim=1)
+    return sharded_out, replicated_out
 
 
 class LocalAttention:
     """Every token on this process: plain joint attention."""
 
     def joint(
-        self,
-        sharded: Heads | None,
-        replicated: Heads | None,
-        replicated_first: bool,
-        sharded_key_mask: torch.Tensor | None = None,
+        self, sharded: Heads | None, replicated: Heads | None, replicated_first: bool
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        return attend_in_order(sharded, replicated, replicated_first, sharded_key_mask)
+        return attend_in_order(sharded, replicated, replicated_first)
 
 
 LOCAL_ATTENTION = LocalAttention()
@@ -119,4 +112,3 @@ class AttentionLayout:
     replicated_rotary: Rotary | None
     num_replicated: int = 0
     replicated_first: bool = False
-    sharded_key_mask: torch.Tensor | None = None

@@ -1,7 +1,7 @@
 """Classifier-free guidance rules of the two families, written once.
 
-Both functions are per token or reduce through `sum_over_tokens`, so they run unchanged on a sequence shard:
-a sequence-parallel caller passes an all-reduce there to make the global norm of Z-Image's clip.
+Both run unchanged on a sequence shard: Qwen's rule is per token, and Z-Image's global norm clip completes its
+per-token sums through a gather that the sequence-parallel caller supplies.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-SumOverTokens = Callable[[torch.Tensor], torch.Tensor]
+GatherTokens = Callable[[torch.Tensor], torch.Tensor]
 
 
 def qwen_true_cfg(pos: torch.Tensor, neg: torch.Tensor, scale: float) -> torch.Tensor:
@@ -24,7 +24,7 @@ def qwen_true_cfg(pos: torch.Tensor, neg: torch.Tensor, scale: float) -> torch.T
     return combined * (cond_norm / combined_norm)
 
 
-def _local_sum(x: torch.Tensor) -> torch.Tensor:
+def _all_tokens_here(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
@@ -33,20 +33,21 @@ def z_image_cfg(
     neg: torch.Tensor,
     scale: float,
     normalization: float,
-    sum_over_tokens: SumOverTokens = _local_sum,
+    gather_tokens: GatherTokens = _all_tokens_here,
 ) -> torch.Tensor:
-    """Z-Image CFG on float32 `[B, ...]` predictions: `pos + g (pos - neg)`, optionally clipped per sample.
+    """Z-Image CFG on float32 token predictions `[B, N, F]`: `pos + g (pos - neg)`, optionally clipped.
 
     With `normalization > 0` a sample whose guided norm exceeds `normalization * ||pos||` (norms over the whole
-    sample) is scaled down to that bound; never up. `sum_over_tokens` completes the per-sample sums of squares
-    when the tokens are split over ranks. The clip is a `where`, not a Python branch, so no host sync.
+    sample) is scaled down to that bound; never up. The squares are summed per token first and the per-token
+    sums then over all tokens; `gather_tokens` completes the `[B, n, 2]` per-token sums when the tokens are
+    split over ranks, so the total is added in the same order for every split. The clip is a `where`, not a
+    Python branch, so no host sync.
     """
     pred = pos + scale * (pos - neg)
     if not normalization or normalization <= 0:
         return pred
-    dims = tuple(range(1, pos.dim()))
-    squares = sum_over_tokens(torch.stack([pos.square().sum(dims), pred.square().sum(dims)]))
-    pos_norm, pred_norm = squares.sqrt()
+    per_token = torch.stack([pos.square().sum(-1), pred.square().sum(-1)], dim=-1)
+    pos_norm, pred_norm = gather_tokens(per_token).sum(1).sqrt().unbind(-1)
     max_norm = pos_norm * float(normalization)
     factor = torch.where(pred_norm > max_norm, max_norm / pred_norm, torch.ones_like(pred_norm))
-    return pred * factor.view(-1, *([1] * (pred.dim() - 1)))
+    return pred * factor.view(-1, 1, 1)

@@ -7,14 +7,18 @@ can later be captured whole (torch.compile / CUDA graphs).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from safetensors.torch import load, save
 
 from common.errors import Cancelled
 from common.options import ResolvedOptions
 from common.schedule import Schedule, euler_step
+from common.sharding import LOCAL, Sharding
 
 Predict = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -28,6 +32,36 @@ class DenoiseJob:
     negative_embeds: torch.Tensor | None = None  # [L', D]; present exactly when CFG runs
     condition_latents: torch.Tensor | None = None  # edit images, family-specific packed layout
     condition_shapes: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+_TENSOR_FIELDS = ("prompt_embeds", "negative_embeds", "condition_latents")
+
+
+def encode_job(job: DenoiseJob, **flags: str) -> bytes:
+    """A job as one safetensors blob: its tensors, with options and shapes as JSON in the header metadata."""
+    tensors = {name: getattr(job, name).contiguous() for name in _TENSOR_FIELDS if getattr(job, name) is not None}
+    metadata = {
+        "options": json.dumps(dataclasses.asdict(job.options)),
+        "condition_shapes": json.dumps(job.condition_shapes),
+        **flags,
+    }
+    return save(tensors, metadata=metadata)
+
+
+def decode_job(blob: bytes) -> tuple[DenoiseJob, dict[str, str]]:
+    """Inverse of `encode_job`: the job and the extra string flags."""
+    tensors = load(blob)
+    metadata = _header_metadata(blob)
+    options = ResolvedOptions(**json.loads(metadata.pop("options")))
+    shapes = [tuple(s) for s in json.loads(metadata.pop("condition_shapes"))]
+    job = DenoiseJob(options, *(tensors.get(name) for name in _TENSOR_FIELDS), shapes)
+    return job, metadata
+
+
+def _header_metadata(blob: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors blob (8-byte little-endian header length, then JSON)."""
+    header_len = int.from_bytes(blob[:8], "little")
+    return dict(json.loads(blob[8 : 8 + header_len]).get("__metadata__", {}))
 
 
 @dataclass
@@ -44,10 +78,14 @@ class StepHooks:
             self.on_model_output(step, branch, output)
 
 
-def run_denoise_loop(predict: Predict, latents: torch.Tensor, schedule: Schedule, hooks: StepHooks) -> torch.Tensor:
+def run_denoise_loop(
+    predict: Predict, latents: torch.Tensor, schedule: Schedule, hooks: StepHooks, sharding: Sharding = LOCAL
+) -> torch.Tensor:
+    """Euler steps over `schedule`; latents may be this rank's shard (every update is per token)."""
     total = schedule.num_steps
     for step in range(total):
-        if hooks.should_stop is not None and hooks.should_stop():
+        # Every rank of a group takes the same decision (rank 0's), so none is left inside a collective.
+        if sharding.should_stop(hooks.should_stop is not None and hooks.should_stop()):
             raise Cancelled(f"stopped before step {step + 1} of {total}")
         velocity = predict(latents, step)
         latents = euler_step(latents, velocity, schedule, step)

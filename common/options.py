@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from common.errors import InvalidArgument
 
@@ -78,7 +78,6 @@ class ResolvedOptions:
     seed: int
     num_images: int
     num_input_images: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def uses_cfg(self) -> bool:

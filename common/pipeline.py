@@ -28,14 +28,19 @@ def resolve_for(family: Family, options: RequestOptions, images: Sequence[PIL.Im
 
 class Pipeline:
     def __init__(
-        self, model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
+        self,
+        model_dir: str | Path,
+        dtype: str | torch.dtype = "float32",
+        device: str | torch.device = "cpu",
+        denoiser=None,
     ) -> None:
+        """`denoiser` replaces the one-process denoise stage (e.g. rank 0's handle on a parallel group)."""
         self.folder = open_model_folder(model_dir)
         self.family = get_family(self.folder.family)
         dtype, device = parse_dtype(dtype), parse_device(device)
         self.text_encoder = self.family.text_encoder(self.folder, dtype, device)
         self.vae = self.family.vae(self.folder, dtype, device)
-        self.denoiser = self.family.denoiser(self.folder, dtype, device)
+        self.denoiser = denoiser or self.family.denoiser(self.folder, dtype, device)
 
     def resolve(self, options: RequestOptions, images: Sequence[PIL.Image.Image] = ()) -> ResolvedOptions:
         return resolve_for(self.family, options, images)

@@ -32,6 +32,7 @@ class Rotary:
 
     def index(self, idx: torch.Tensor) -> Rotary:
         """Rows picked by `idx` along the sequence dim (used to shard a table with the tokens' own index map)."""
+        idx = idx.to(self.cos.device)
         return Rotary(self.cos.index_select(-2, idx), self.sin.index_select(-2, idx))
 
     def to(self, device: torch.device | str) -> Rotary:

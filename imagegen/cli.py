@@ -8,6 +8,7 @@ one line on stderr and a non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -53,6 +54,9 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default: float32)")
     parser.add_argument("--sp", type=int, default=1, help="sequence-parallel degree (processes on this machine)")
     parser.add_argument("--cfg-parallel", action="store_true", help="run the CFG branches on separate processes")
+    parser.add_argument(
+        "--collective-timeout", type=float, default=300.0, help="seconds before a stuck process group fails"
+    )
     parser.add_argument("--api-key", default=os.environ.get("IMAGEGEN_API_KEY"), help="with --target")
     parser.add_argument(
         "--output", required=True, help="PATH.png/.jpg/.webp ({i} numbers several images) or PATH.npy (float32)"
@@ -87,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--variant", help="z-image: turbo; qwen-image-edit-plus: 2511")
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)
+
+    from services.cli import add_serve_parser
+
+    add_serve_parser(commands)
     return parser
 
 
@@ -97,6 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "make-tiny":
             return _make_tiny(args)
+        if args.command == "serve":
+            from services.cli import serve
+
+            return serve(args)
         return _generate(args)
     except ImagegenError as exc:
         print(f"imagegen: error: {exc}", file=sys.stderr)
@@ -151,6 +163,8 @@ def _generate(args: argparse.Namespace) -> int:
         array = run_remote(args, options, images)
     else:
         array = _run_local(args, options, images)
+    if array is None:  # a torchrun rank other than 0: rank 0 writes the output
+        return 0
     for path in write_outputs(array, args.output):
         print(path)
     return 0
@@ -162,26 +176,56 @@ def _run_local(args: argparse.Namespace, options, images):
     if args.sp < 1:
         raise InvalidArgument("sp", f"must be at least 1, got {args.sp}")
     model = args.model or str(_demo_checkpoint(args))
+    from common.parallel.launch import launched_by_torchrun
+
+    if launched_by_torchrun():
+        return _run_as_torchrun_rank(model, options, images, args)
     if args.sp > 1 or args.cfg_parallel:
-        from common.parallel.launch import run_parallel
+        from common.parallel.launch import local_group
 
-        return run_parallel(model, options, images, args)
-    return _run_in_process(model, options, images, args)
+        with local_group(model, args.sp, args.cfg_parallel, args.dtype, args.device, args.collective_timeout) as group:
+            return _run_pipeline(model, options, images, args, denoiser=group)
+    return _run_pipeline(model, options, images, args)
 
 
-def _run_in_process(model: str, options, images, args: argparse.Namespace):
+def _run_as_torchrun_rank(model: str, options, images, args: argparse.Namespace):
+    """Under torchrun every rank runs this command: rank 0 runs the pipeline, the others follow it."""
+    from common.checkpoint import open_model_folder, parse_device, parse_dtype
+    from common.families import get_family
+    from common.parallel.group import ParallelGroup, check_sp_degree
+    from common.parallel.launch import transformer_heads
+    from common.parallel.runner import GroupDenoiser, follow_leader
+
+    check_sp_degree(args.sp, transformer_heads(model))
+    group = ParallelGroup.from_environment(
+        args.sp, args.cfg_parallel, parse_device(args.device), args.collective_timeout
+    )
+    folder = open_model_folder(model)
+    denoiser = get_family(folder.family).denoiser(folder, parse_dtype(args.dtype), group.device)
+    try:
+        if not group.is_leader:
+            follow_leader(group, denoiser)
+            return None
+        runner = GroupDenoiser(group, denoiser)
+        try:
+            return _run_pipeline(model, options, images, args, denoiser=runner)
+        finally:
+            runner.close()
+    finally:
+        group.close()
+
+
+def _run_pipeline(model: str, options, images, args: argparse.Namespace, denoiser=None):
     import torch
 
     from common.denoise import StepHooks
     from common.pipeline import Pipeline
 
     torch.set_grad_enabled(False)
-    pipeline = Pipeline(model, dtype=args.dtype, device=args.device)
+    pipeline = Pipeline(model, dtype=args.dtype, device=args.device, denoiser=denoiser)
     resolved = pipeline.resolve(options, images)
     print(f"seed {resolved.seed}", file=sys.stderr)
-    from dataclasses import replace
-
-    options = replace(options, seed=resolved.seed)
+    options = dataclasses.replace(options, seed=resolved.seed)
     with _progress(resolved.steps) as progress:
         return pipeline(options, images, StepHooks(on_step=progress))
 

@@ -25,7 +25,7 @@ import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
-from common.attention import LOCAL_ATTENTION, AttentionBackend, AttentionLayout, Heads
+from common.attention import AttentionLayout, Heads
 from common.cfg import qwen_true_cfg
 from common.checkpoint import ModelFolder
 from common.denoise import DenoiseJob, StepHooks, run_denoise_loop
@@ -33,6 +33,7 @@ from common.latents import initial_noise, patchify, unpatchify
 from common.options import FamilyDefaults
 from common.rope import Rotary
 from common.schedule import Schedule, make_schedule
+from common.sharding import LOCAL, Sharding
 from common.text import encoder_trunk, ensure_fp32_rotary, take_masked
 
 LATENT_CHANNELS = 16
@@ -240,7 +241,7 @@ class QwenJointAttnProcessor:
             head_dim,
         )
         image, text = image.rotated(layout.sharded_rotary), text.rotated(layout.replicated_rotary)
-        image_out, text_out = layout.backend.joint(image, text, True, layout.sharded_key_mask)
+        image_out, text_out = layout.backend.joint(image, text, True)
         dtype = image.q.dtype
         image_out = attn.to_out[0](image_out.flatten(2, 3).to(dtype).contiguous())
         text_out = attn.to_add_out(text_out.flatten(2, 3).to(dtype).contiguous())
@@ -349,61 +350,85 @@ def schedule_for(scheduler_config: dict, steps: int, width: int, height: int) ->
 
 
 class QwenDenoiser:
-    """The denoise stage: initial noise -> final packed latents, with true CFG when the job has a negative."""
+    """The denoise stage: initial noise -> final packed latents, with true CFG when the job has a negative.
 
-    def __init__(
-        self,
-        folder: ModelFolder,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        backend: AttentionBackend = LOCAL_ATTENTION,
-    ) -> None:
-        self.dit = QwenDiT(folder.load("transformer", dtype, device))
-        self.scheduler_config = dict(folder.scheduler_config())
-        self.device = torch.device(device)
-        self.dtype = self.dit.transformer.dtype
-        self.backend = backend
+    Under sequence parallelism (`sharding`) each rank holds a contiguous block of the noisy tokens and of each
+    edit image's tokens; the latents stay sharded through the loop (CFG and the Euler step are per token) and
+    are gathered once at the end. With CFG-parallel ranks each computes one branch and they swap outputs.
+    """
+
+    def __init__(self, folder: ModelFolder, dtype: torch.dtype, device: torch.device | str) -> None:
+        self._setup(folder.load("transformer", dtype, device), folder.scheduler_config())
+
+    @classmethod
+    def from_transformer(cls, transformer: torch.nn.Module, scheduler_config: dict):
+        """A denoiser over an already-built transformer (benchmarks build full-size ones with random weights)."""
+        denoiser = cls.__new__(cls)
+        denoiser._setup(transformer, scheduler_config)
+        return denoiser
+
+    def _setup(self, transformer: torch.nn.Module, scheduler_config: dict) -> None:
+        self.dit = QwenDiT(transformer)
+        self.scheduler_config = dict(scheduler_config)
+        self.device = transformer.device
+        self.dtype = transformer.dtype
+        self.num_heads = transformer.config.num_attention_heads
 
     @torch.no_grad()
-    def run(self, job: DenoiseJob, hooks: StepHooks | None = None) -> torch.Tensor:
+    def run(self, job: DenoiseJob, hooks: StepHooks | None = None, sharding: Sharding = LOCAL) -> torch.Tensor:
         hooks = hooks or StepHooks()
         opts = job.options
-        latents = noise_for(opts.seed, opts.num_images, opts.width, opts.height, self.dtype).to(self.device)
+        noise = noise_for(opts.seed, opts.num_images, opts.width, opts.height, self.dtype)
         schedule = schedule_for(self.scheduler_config, opts.steps, opts.width, opts.height).to(self.device)
-        batch, noisy_len = latents.shape[0], latents.shape[1]
+        batch = noise.shape[0]
         img_shapes = [token_grid(opts.width, opts.height), *job.condition_shapes]
-        condition = None
-        if job.condition_latents is not None:
-            condition = job.condition_latents.to(self.device, self.dtype).expand(batch, -1, -1)
+        plan = sharding.plan(tuple(f * h * w for f, h, w in img_shapes))
+        layout_rows = plan.local_index
+        noisy_rows = plan.segment_rows(0).to(self.device)
+        latent_lengths = [end - start for start, end in (plan.segment_range(0, r) for r in range(plan.world))]
+
+        # The local DiT input is this rank's rows of [noise, edit images]; the noisy rows change every step.
+        sequence = (
+            noise
+            if job.condition_latents is None
+            else torch.cat([noise, job.condition_latents.to(self.dtype).expand(batch, -1, -1)], dim=1)
+        )
+        local_input = plan.take_local(sequence).to(self.device)
+        start, end = plan.segment_range(0)
+        latents = noise[:, start:end].to(self.device)
         modulate_index = None
         if self.dit.zero_cond_t:
-            cond_len = 0 if condition is None else condition.shape[1]
-            modulate_index = (
-                torch.cat([torch.zeros(noisy_len, dtype=torch.int), torch.ones(cond_len, dtype=torch.int)])
-                .to(self.device)[None]
-                .expand(batch, -1)
+            segment_of_row = torch.repeat_interleave(
+                torch.arange(len(img_shapes)), torch.tensor([plan.block(s) for s in range(len(img_shapes))])
             )
+            modulate_index = (segment_of_row > 0).int().to(self.device)[None].expand(batch, -1)
 
-        branches = [("positive", job.prompt_embeds)]
-        if job.negative_embeds is not None:
-            branches.append(("negative", job.negative_embeds))
-        prepared = []
-        for name, embeds in branches:
-            text = embeds.to(self.device, self.dtype)[None].expand(batch, -1, -1)
+        backend = sharding.attention(plan)
+        names = ["positive"] if job.negative_embeds is None else ["positive", "negative"]
+        embeds = {"positive": job.prompt_embeds, "negative": job.negative_embeds}
+        branches = {}
+        for name in sharding.branches(names):
+            text = embeds[name].to(self.device, self.dtype)[None].expand(batch, -1, -1)
             image_rotary, text_rotary = qwen_rotary(self.dit.transformer, img_shapes, text.shape[1])
-            layout = AttentionLayout(self.backend, image_rotary.to(self.device), text_rotary.to(self.device))
-            prepared.append((name, text, layout))
+            layout = AttentionLayout(
+                backend, image_rotary.index(layout_rows).to(self.device), text_rotary.to(self.device)
+            )
+            branches[name] = (text, layout)
 
         def predict(latents: torch.Tensor, step: int) -> torch.Tensor:
             timestep = schedule.timesteps[step].expand(batch).to(latents.dtype) / 1000
-            model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
-            outputs = []
-            for name, text, layout in prepared:
-                out = self.dit(model_input, text, timestep, layout, modulate_index)[:, :noisy_len]
-                hooks.model_output(step, name, out)
-                outputs.append(out)
+            model_input = local_input.index_copy(1, noisy_rows, latents)
+            outputs = {
+                name: self.dit(model_input, text, timestep, layout, modulate_index).index_select(1, noisy_rows)
+                for name, (text, layout) in branches.items()
+            }
+            outputs = sharding.exchange(outputs, names)
+            if hooks.on_model_output is not None:
+                for name, out in zip(names, outputs, strict=True):
+                    hooks.model_output(step, name, sharding.gather(out, latent_lengths))
             if len(outputs) == 1:
                 return outputs[0]
             return qwen_true_cfg(outputs[0], outputs[1], opts.guidance_scale)
 
-        return run_denoise_loop(predict, latents, schedule, hooks)
+        latents = run_denoise_loop(predict, latents, schedule, hooks, sharding)
+        return sharding.gather(latents, latent_lengths)

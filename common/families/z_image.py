@@ -18,10 +18,13 @@ Read next to diffusers 0.42.1 `pipelines/z_image/pipeline_z_image.py` and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property
+
 import torch
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF, RopeEmbedder
 
-from common.attention import LOCAL_ATTENTION, AttentionBackend, AttentionLayout, Heads
+from common.attention import AttentionBackend, AttentionLayout, Heads
 from common.cfg import z_image_cfg
 from common.checkpoint import ModelFolder
 from common.denoise import DenoiseJob, StepHooks, run_denoise_loop
@@ -29,6 +32,7 @@ from common.latents import initial_noise, patchify, unpatchify
 from common.options import FamilyDefaults
 from common.rope import Rotary
 from common.schedule import Schedule, make_schedule
+from common.sharding import LOCAL, SequencePlan, Sharding
 from common.text import encoder_trunk, ensure_fp32_rotary, take_masked
 
 LATENT_CHANNELS = 16
@@ -125,7 +129,7 @@ class ZImageAttnProcessor:
         split = q.shape[1] - layout.num_replicated
         sharded = heads.rows(0, split).rotated(layout.sharded_rotary) if split > 0 else None
         replicated = heads.rows(split).rotated(layout.replicated_rotary) if layout.num_replicated else None
-        sharded_out, replicated_out = layout.backend.joint(sharded, replicated, False, layout.sharded_key_mask)
+        sharded_out, replicated_out = layout.backend.joint(sharded, replicated, False)
         out = torch.cat([o for o in (sharded_out, replicated_out) if o is not None], dim=1)
         return attn.to_out[0](out.flatten(2, 3).to(q.dtype))
 
@@ -156,8 +160,43 @@ def image_ids(rows: int, cols: int, caption_padded_len: int) -> torch.Tensor:
     return torch.cat([real, pads])
 
 
+@dataclass(frozen=True)
+class ImageSlots:
+    """This rank's image rows: a block of the single-process image sequence (latent tokens, then registers).
+
+    Rows whose single-process index is below `num_latent` carry latent tokens; the others are the learned
+    32-alignment registers (`x_pad_token`) or sequence-parallel padding, which attention masks out.
+    """
+
+    plan: SequencePlan
+    num_latent: int
+
+    @cached_property
+    def local_latent(self) -> int:
+        start, end = self.plan.segment_range(0)
+        return max(0, min(end, self.num_latent) - start)
+
+    @cached_property
+    def register_rows(self) -> torch.Tensor:
+        return (self.plan.local_index >= self.num_latent) | ~self.plan.local_real
+
+    def latent_lengths(self) -> list[int]:
+        ranges = (self.plan.segment_range(0, r) for r in range(self.plan.world))
+        return [max(0, min(end, self.num_latent) - start) for start, end in ranges]
+
+
+@dataclass(frozen=True)
+class ZImageBranch:
+    """One CFG branch's fixed inputs: its caption features and the RoPE rows that depend on their length."""
+
+    caption: torch.Tensor  # [L, Dc]
+    caption_rotary: Rotary  # [Lp] rows
+    image_rotary: Rotary  # this rank's image rows
+
+
 class ZImageDiT:
-    """Our top-level forward over `ZImageTransformer2DModel`'s modules and weights (basic, non-omni mode)."""
+    """Our top-level forward over `ZImageTransformer2DModel`'s modules and weights (basic, non-omni mode),
+    working on 2x2 patch tokens (channel fastest) so the image sequence can be sharded."""
 
     def __init__(self, transformer: torch.nn.Module) -> None:
         if transformer.config.get("siglip_feat_dim") is not None:
@@ -168,52 +207,55 @@ class ZImageDiT:
         for layer in (*transformer.noise_refiner, *transformer.context_refiner, *transformer.layers):
             layer.attention.set_processor(processor)
 
-    def embed_caption(self, caption: torch.Tensor, backend: AttentionBackend) -> tuple[torch.Tensor, Rotary]:
-        """Caption features `[L, Dc]` -> refined caption tokens `[1, Lp, dim]` and their RoPE rows."""
+    def branch(self, caption: torch.Tensor, rows: int, cols: int, slots: ImageSlots) -> ZImageBranch:
+        """Image RoPE ids depend on this branch's padded caption length (its frame coordinate is Lp + 1)."""
+        padded = padded_length(caption.shape[0])
+        device = caption.device
+        image_rotary = self.rope(image_ids(rows, cols, padded)).index(slots.plan.local_index)
+        return ZImageBranch(caption, self.rope(caption_ids(padded)).to(device), image_rotary.to(device))
+
+    def embed_caption(self, branch: ZImageBranch, backend: AttentionBackend) -> torch.Tensor:
+        """Caption features `[L, Dc]` -> refined caption tokens `[1, Lp, dim]` (replicated on every rank)."""
         tr = self.transformer
-        length = caption.shape[0]
-        tokens = tr.cap_embedder(caption)
-        pad = tr.cap_pad_token.to(tokens.dtype).expand(padded_length(length) - length, -1)
+        tokens = tr.cap_embedder(branch.caption)
+        pad = tr.cap_pad_token.to(tokens.dtype).expand(len(branch.caption_rotary) - tokens.shape[0], -1)
         tokens = torch.cat([tokens, pad])[None]
-        rotary = self.rope(caption_ids(tokens.shape[1])).to(tokens.device)
-        layout = AttentionLayout(backend, None, rotary, num_replicated=tokens.shape[1])
+        layout = AttentionLayout(backend, None, branch.caption_rotary, num_replicated=tokens.shape[1])
         for layer in tr.context_refiner:
             tokens = layer(tokens, None, layout)
-        return tokens, rotary
+        return tokens
 
     def __call__(
         self,
-        latents: torch.Tensor,
+        tokens: torch.Tensor,
         timestep: torch.Tensor,
-        caption: torch.Tensor,
-        backend: AttentionBackend = LOCAL_ATTENTION,
+        branch: ZImageBranch,
+        slots: ImageSlots,
+        backend: AttentionBackend,
     ) -> torch.Tensor:
-        """`latents` `[B, 16, h, w]` in the model dtype, `timestep` `[B]` = (1000 - t) / 1000 in float32,
-        `caption` `[L, Dc]` shared by the batch -> model output `[B, 16, h, w]` (not yet negated)."""
+        """`tokens` `[B, n, 64]` this rank's latent tokens in the model dtype, `timestep` `[B]` =
+        (1000 - t) / 1000 in float32 -> model output for those tokens `[B, n, 64]` (not yet negated)."""
         tr = self.transformer
-        batch, _, height, width = latents.shape
-        rows, cols = height // 2, width // 2
-        adaln = tr.t_embedder(timestep * tr.t_scale).type_as(latents)
+        batch = tokens.shape[0]
+        adaln = tr.t_embedder(timestep * tr.t_scale).type_as(tokens)
+        caption = self.embed_caption(branch, backend).expand(batch, -1, -1)
 
-        caption_tokens, caption_rotary = self.embed_caption(caption, backend)
-        caption_tokens = caption_tokens.expand(batch, -1, -1)
+        fill = slots.plan.local_len - tokens.shape[1]
+        rows = torch.cat([tokens, tokens.new_zeros(batch, fill, tokens.shape[2])], dim=1)
+        image = tr.all_x_embedder[PATCH_KEY](rows)
+        registers = slots.register_rows.to(image.device)[None, :, None]
+        image = torch.where(registers, tr.x_pad_token.to(image.dtype), image)
 
-        image = tr.all_x_embedder[PATCH_KEY](patchify(latents, channel_last=True))
-        num_real = rows * cols
-        pad = tr.x_pad_token.to(image.dtype).expand(batch, padded_length(num_real) - num_real, -1)
-        image = torch.cat([image, pad], dim=1)
-        image_rotary = self.rope(image_ids(rows, cols, caption_tokens.shape[1])).to(image.device)
-
-        refine = AttentionLayout(backend, image_rotary, None)
+        refine = AttentionLayout(backend, branch.image_rotary, None)
         for layer in tr.noise_refiner:
             image = layer(image, None, refine, adaln)
 
-        unified = torch.cat([image, caption_tokens], dim=1)
-        joint = AttentionLayout(backend, image_rotary, caption_rotary, num_replicated=caption_tokens.shape[1])
+        unified = torch.cat([image, caption], dim=1)
+        joint = AttentionLayout(backend, branch.image_rotary, branch.caption_rotary, caption.shape[1])
         for layer in tr.layers:
             unified = layer(unified, None, joint, adaln)
         out = tr.all_final_layer[PATCH_KEY](unified, c=adaln)
-        return unpatchify(out[:, :num_real], height, width, channel_last=True)
+        return out[:, : tokens.shape[1]]
 
 
 # ------------------------------------------------------------------------------------------------------ denoise
@@ -242,41 +284,75 @@ def guidance_per_step(schedule: Schedule, scale: float, truncation: float) -> li
 
 
 class ZImageDenoiser:
-    """The denoise stage: float32 noise -> float32 final latents `[K, 16, h, w]`."""
+    """The denoise stage: float32 noise -> float32 final latents `[K, 16, h, w]`.
 
-    def __init__(
-        self,
-        folder: ModelFolder,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        backend: AttentionBackend = LOCAL_ATTENTION,
-    ) -> None:
-        self.dit = ZImageDiT(folder.load("transformer", dtype, device))
-        self.scheduler_config = dict(folder.scheduler_config())
-        self.device = torch.device(device)
-        self.dtype = self.dit.transformer.dtype
-        self.backend = backend
+    Latents are held as 2x2 patch tokens for the whole loop (the Euler step is elementwise, so the layout is
+    free); under sequence parallelism each rank holds a contiguous block of them and CFG's norm clip sums
+    across ranks.
+    """
+
+    def __init__(self, folder: ModelFolder, dtype: torch.dtype, device: torch.device | str) -> None:
+        self._setup(folder.load("transformer", dtype, device), folder.scheduler_config())
+
+    @classmethod
+    def from_transformer(cls, transformer: torch.nn.Module, scheduler_config: dict):
+        """A denoiser over an already-built transformer (benchmarks build full-size ones with random weights)."""
+        denoiser = cls.__new__(cls)
+        denoiser._setup(transformer, scheduler_config)
+        return denoiser
+
+    def _setup(self, transformer: torch.nn.Module, scheduler_config: dict) -> None:
+        self.dit = ZImageDiT(transformer)
+        self.scheduler_config = dict(scheduler_config)
+        self.device = transformer.device
+        self.dtype = transformer.dtype
+        self.num_heads = transformer.config.n_heads
 
     @torch.no_grad()
-    def run(self, job: DenoiseJob, hooks: StepHooks | None = None) -> torch.Tensor:
+    def run(self, job: DenoiseJob, hooks: StepHooks | None = None, sharding: Sharding = LOCAL) -> torch.Tensor:
         hooks = hooks or StepHooks()
         opts = job.options
-        latents = noise_for(opts.seed, opts.num_images, opts.width, opts.height).to(self.device)
+        noise = noise_for(opts.seed, opts.num_images, opts.width, opts.height)
+        height, width = noise.shape[2:]
+        rows, cols = height // 2, width // 2
         schedule = schedule_for(self.scheduler_config, opts.steps, opts.width, opts.height).to(self.device)
         scales = guidance_per_step(schedule, opts.guidance_scale, opts.cfg_truncation) if opts.uses_cfg else None
-        batch = latents.shape[0]
-        positive = job.prompt_embeds.to(self.device, self.dtype)
-        negative = None if job.negative_embeds is None else job.negative_embeds.to(self.device, self.dtype)
+        batch = noise.shape[0]
+        slots = ImageSlots(sharding.plan((padded_length(rows * cols),)), rows * cols)
+        backend = sharding.attention(slots.plan)
+        start = slots.plan.segment_range(0)[0]
+        latents = patchify(noise, channel_last=True)[:, start : start + slots.local_latent].to(self.device)
+        lengths = slots.latent_lengths()
+
+        all_names = ["positive", "negative"] if opts.uses_cfg else ["positive"]
+        captions = {"positive": job.prompt_embeds, "negative": job.negative_embeds}
+        branches = {
+            name: self.dit.branch(captions[name].to(self.device, self.dtype), rows, cols, slots)
+            for name in {*sharding.branches(all_names), "positive"}
+        }
+
+        def gather_tokens(tokens: torch.Tensor) -> torch.Tensor:
+            return sharding.gather(tokens, lengths)
+
+        def full(tokens: torch.Tensor) -> torch.Tensor:
+            return unpatchify(gather_tokens(tokens), height, width, channel_last=True)
 
         def predict(latents: torch.Tensor, step: int) -> torch.Tensor:
             timestep = (1000 - schedule.timesteps[step].expand(batch)) / 1000
             model_input = latents.to(self.dtype)
-            pos = self.dit(model_input, timestep, positive, self.backend)
-            hooks.model_output(step, "positive", pos)
-            if scales is None or scales[step] <= 0:
-                return -pos.float()
-            neg = self.dit(model_input, timestep, negative, self.backend)
-            hooks.model_output(step, "negative", neg)
-            return -z_image_cfg(pos.float(), neg.float(), scales[step], opts.cfg_normalization)
+            names = all_names if scales is not None and scales[step] > 0 else ["positive"]
+            outputs = {
+                name: self.dit(model_input, timestep, branches[name], slots, backend)
+                for name in sharding.branches(names)
+            }
+            outputs = sharding.exchange(outputs, names)
+            if hooks.on_model_output is not None:
+                for name, out in zip(names, outputs, strict=True):
+                    hooks.model_output(step, name, full(out))
+            if len(outputs) == 1:
+                return -outputs[0].float()
+            pos, neg = (out.float() for out in outputs)
+            return -z_image_cfg(pos, neg, scales[step], opts.cfg_normalization, gather_tokens)
 
-        return run_denoise_loop(predict, latents, schedule, hooks)
+        latents = run_denoise_loop(predict, latents, schedule, hooks, sharding)
+        return full(latents)

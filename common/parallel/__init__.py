@@ -1,0 +1,1 @@
+"""Sequence-parallel (Ulysses) and CFG-parallel denoising over a torch.distributed group."""

@@ -1,0 +1,113 @@
+"""The process group of a denoiser: P sequence-parallel ranks x C in {1, 2} CFG-parallel ranks.
+
+Rank `c * P + s` computes CFG branch `c` (0 positive, 1 negative) on sequence shard `s`. The same code runs on
+gloo (CPU) and NCCL (GPU). Control messages (jobs, stop flags) always travel on a gloo group, so deciding to
+stop never waits on the GPU stream. Every collective has a timeout, so a dead or hung rank fails the whole
+group with an error instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from common.errors import ImagegenError
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class GroupError(ImagegenError):
+    """The process group cannot be formed or a peer failed."""
+
+
+def valid_sp_degrees(num_heads: int) -> list[int]:
+    return [d for d in range(1, num_heads + 1) if num_heads % d == 0]
+
+
+def check_sp_degree(sp: int, num_heads: int) -> None:
+    """Ulysses splits attention heads over the ranks: refuse a degree that does not divide them."""
+    if sp < 1 or num_heads % sp:
+        degrees = ", ".join(map(str, valid_sp_degrees(num_heads)))
+        raise GroupError(f"--sp {sp} does not divide the model's {num_heads} attention heads; valid degrees: {degrees}")
+
+
+@dataclass
+class ParallelGroup:
+    rank: int
+    world_size: int
+    sp: int
+    cfg: int
+    device: torch.device
+    sp_group: dist.ProcessGroup
+    cfg_group: dist.ProcessGroup | None
+    control_group: dist.ProcessGroup
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.sp
+
+    @property
+    def cfg_rank(self) -> int:
+        return self.rank // self.sp
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    @staticmethod
+    def from_environment(
+        sp: int, cfg_parallel: bool, device: str | torch.device, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> ParallelGroup:
+        """Join the group described by torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+        cfg = 2 if cfg_parallel else 1
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        if world != sp * cfg:
+            raise GroupError(f"world size {world} != sp {sp} x cfg {cfg}: start {sp * cfg} processes")
+        device = torch.device(device)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=timeout_s)
+        if not dist.is_initialized():
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+        # Every rank must create every group, in the same order.
+        sp_groups = [dist.new_group(list(range(c * sp, (c + 1) * sp)), timeout=timeout) for c in range(cfg)]
+        cfg_groups = [dist.new_group([s, s + sp], timeout=timeout) for s in range(sp)] if cfg == 2 else []
+        control = dist.new_group(list(range(world)), backend="gloo", timeout=timeout) if backend != "gloo" else None
+        return ParallelGroup(
+            rank=rank,
+            world_size=world,
+            sp=sp,
+            cfg=cfg,
+            device=device,
+            sp_group=sp_groups[rank // sp],
+            cfg_group=cfg_groups[rank % sp] if cfg_groups else None,
+            control_group=control or dist.group.WORLD,
+        )
+
+    def broadcast_bytes(self, payload: bytes | None) -> bytes:
+        """Rank 0's bytes on every rank (length first, then the bytes), over the control group."""
+        size = torch.tensor([len(payload) if payload is not None else 0], dtype=torch.long)
+        dist.broadcast(size, src=0, group=self.control_group)
+        if size.item() == 0:
+            return b""
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+        if self.is_leader:
+            data.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        dist.broadcast(data, src=0, group=self.control_group)
+        return data.numpy().tobytes()
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        value = torch.tensor([1 if flag else 0], dtype=torch.uint8)
+        dist.broadcast(value, src=0, group=self.control_group)
+        return bool(value.item())
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

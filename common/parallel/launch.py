@@ -1,0 +1,126 @@
+"""Start a denoiser group on this machine: this process becomes rank 0, the others are worker processes.
+
+Used by `imagegen generate/edit --sp P [--cfg-parallel]` and by tests. Under torchrun (WORLD_SIZE set by the
+launcher) nothing is spawned: every process joins as the rank torchrun gave it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+from common.checkpoint import open_model_folder, parse_device, parse_dtype
+from common.families import get_family
+from common.parallel.group import DEFAULT_TIMEOUT_S, GroupError, ParallelGroup, check_sp_degree
+from common.parallel.runner import GroupDenoiser
+
+_RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def transformer_heads(model: str | Path) -> int:
+    config = open_model_folder(model).config("transformer")
+    return int(config.get("num_attention_heads") or config["n_heads"])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _Workers:
+    """The spawned ranks 1..N-1, watched so that a failure is reported with its exit status."""
+
+    def __init__(self, processes: list[subprocess.Popen]) -> None:
+        self.processes = processes
+        self.failure: str | None = None
+        self._watch = threading.Thread(target=self._watch_loop, daemon=True)
+        self._watch.start()
+
+    def _watch_loop(self) -> None:
+        while self.processes and self.failure is None:
+            for rank, proc in enumerate(self.processes, start=1):
+                code = proc.poll()
+                if code not in (None, 0):
+                    self.failure = f"rank {rank} exited with status {code}"
+                    return
+            if all(p.poll() is not None for p in self.processes):
+                return
+            threading.Event().wait(0.2)
+
+    def stop(self, graceful: bool, timeout: float = 30.0) -> None:
+        for proc in self.processes:
+            if not graceful:
+                proc.kill()
+        for proc in self.processes:
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextmanager
+def local_group(
+    model: str | Path,
+    sp: int,
+    cfg_parallel: bool,
+    dtype: str = "float32",
+    device: str = "cpu",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    threads: int = 0,
+):
+    """Yield rank 0's `GroupDenoiser` of a P x C group on this machine; stop every rank on exit.
+
+    A rank that dies or hangs makes the next collective on rank 0 fail (a closed connection, or the collective
+    timeout); that error is re-raised as `GroupError` naming the failed rank where known.
+    """
+    check_sp_degree(sp, transformer_heads(model))
+    parse_dtype(dtype)
+    device = parse_device(device)
+    world = sp * (2 if cfg_parallel else 1)
+    saved = {name: os.environ.get(name) for name in _RENDEZVOUS_VARS}
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
+    command = [sys.executable, "-m", "common.parallel.worker", "--model", str(model), "--dtype", dtype]
+    command += ["--device", device.type, "--sp", str(sp), "--timeout", str(timeout_s), "--threads", str(threads)]
+    command += ["--cfg-parallel"] if cfg_parallel else []
+    root = str(Path(__file__).resolve().parents[2])
+    env_path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    processes = [
+        subprocess.Popen(
+            command, env={**os.environ, **rendezvous, "RANK": str(r), "LOCAL_RANK": str(r), "PYTHONPATH": env_path}
+        )
+        for r in range(1, world)
+    ]
+    workers = _Workers(processes)
+    os.environ.update({**rendezvous, "RANK": "0", "LOCAL_RANK": "0"})
+    group = None
+    graceful = False
+    try:
+        try:
+            group = ParallelGroup.from_environment(sp, cfg_parallel, device, timeout_s)
+            folder = open_model_folder(model)
+            runner = GroupDenoiser(group, get_family(folder.family).denoiser(folder, parse_dtype(dtype), group.device))
+            yield runner
+            runner.close()
+            graceful = True
+        except RuntimeError as exc:  # torch.distributed errors, including collective timeouts
+            raise GroupError(f"denoiser group failed: {workers.failure or exc}") from exc
+    finally:
+        workers.stop(graceful)
+        if group is not None:
+            group.close()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
