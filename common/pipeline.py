@@ -64,6 +64,9 @@ class Pipeline:
         hooks: StepHooks | None = None,
     ) -> np.ndarray:
         """Float32 images `[K, H, W, 3]` in [0, 1]."""
-        resolved = self.resolve(options, images)
-        latents = self.denoiser.run(self.job(resolved, images), hooks)
-        return to_float_array(self.vae.decode(latents, resolved.width, resolved.height))
+        return self.run_job(self.job(self.resolve(options, images), images), hooks)
+
+    def run_job(self, job: DenoiseJob, hooks: StepHooks | None = None, denoiser=None) -> np.ndarray:
+        """Denoise and decode an already encoded job (optionally on another denoiser, e.g. a group)."""
+        latents = (denoiser or self.denoiser).run(job, hooks)
+        return to_float_array(self.vae.decode(latents, job.options.width, job.options.height))

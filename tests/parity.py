@@ -14,7 +14,7 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 
-from common.denoise import StepHooks
+from common.denoise import DenoiseJob, StepHooks
 from common.options import RequestOptions
 from common.pipeline import Pipeline
 
@@ -113,14 +113,26 @@ def _label_diffusers_calls(case: Case, calls: list) -> dict[tuple[int, str], tor
     return outputs
 
 
-def run_ours(path: Path, case: Case, pipeline: Pipeline | None = None) -> Run:
-    pipeline = pipeline or Pipeline(path)
+def _recorder() -> tuple[dict[tuple[int, str], torch.Tensor], StepHooks]:
     outputs: dict[tuple[int, str], torch.Tensor] = {}
 
     def record(step: int, branch: str, output: torch.Tensor) -> None:
         outputs[(step, branch)] = output.detach().clone()
 
-    images = pipeline(case.options, case.images(), StepHooks(on_model_output=record))
+    return outputs, StepHooks(on_model_output=record)
+
+
+def run_ours(path: Path, case: Case, pipeline: Pipeline | None = None) -> Run:
+    pipeline = pipeline or Pipeline(path)
+    outputs, hooks = _recorder()
+    images = pipeline(case.options, case.images(), hooks)
+    return Run(images, outputs)
+
+
+def run_job(pipeline: Pipeline, job: DenoiseJob, denoiser=None) -> Run:
+    """Denoise + decode an encoded job, recording the DiT outputs (the encode stages are not rerun)."""
+    outputs, hooks = _recorder()
+    images = pipeline.run_job(job, hooks, denoiser)
     return Run(images, outputs)
 
 

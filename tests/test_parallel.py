@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from common.attention import sdpa
 from common.checkpoint import open_model_folder
+from common.denoise import DenoiseJob
 from common.families import get_family
 from common.options import RequestOptions
 from common.parallel import ulysses
@@ -28,7 +29,7 @@ from common.parallel.launch import free_port, local_group
 from common.parallel.runner import GroupDenoiser, follow_leader
 from common.pipeline import Pipeline
 from common.tiny import tiny_checkpoint_cached
-from tests.parity import LONG_NEGATIVE, THREADS, Case, max_diff, run_ours
+from tests.parity import LONG_NEGATIVE, THREADS, Case, Run, max_diff, run_job, run_ours
 
 PROMPT = "a red fox jumping over a frozen river at dawn"
 IMAGE_TOLERANCE = 1e-6
@@ -99,13 +100,21 @@ def pinned_threads():
     torch.set_num_threads(previous)
 
 
-_single: dict[str, object] = {}
+_single: dict[str, tuple] = {}
 
 
-def single_process(case: Case):
+def encoded(case: Case) -> tuple[Pipeline, DenoiseJob, Run]:
+    """The one-process pipeline, the encoded job and its run, once per case (encoding edit images is slow)."""
     if case.name not in _single:
-        _single[case.name] = run_ours(tiny_checkpoint_cached(case.family, case.variant), case)
+        pipeline = Pipeline(tiny_checkpoint_cached(case.family, case.variant))
+        images = case.images()
+        job = pipeline.job(pipeline.resolve(case.options, images), images)
+        _single[case.name] = (pipeline, job, run_job(pipeline, job))
     return _single[case.name]
+
+
+def single_process(case: Case) -> Run:
+    return encoded(case)[2]
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -130,9 +139,9 @@ def test_parallel_equals_single_process(checkpoint, mode: str) -> None:
     path = tiny_checkpoint_cached(family, variant)
     cases = [c for c in CASES if (c.family, c.variant) == checkpoint]
     with local_group(path, sp, cfg_parallel, threads=THREADS, timeout_s=120) as group:
-        pipeline = Pipeline(path, denoiser=group)
         for case in cases:
-            assert_matches_single_process(case, run_ours(path, case, pipeline))
+            pipeline, job, _ = encoded(case)
+            assert_matches_single_process(case, run_job(pipeline, job, group))
 
 
 def caption_in_all_to_all(self, sharded, replicated, replicated_first):

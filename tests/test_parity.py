@@ -161,7 +161,7 @@ def test_trap_edit_negative_branch_without_image() -> None:
 
 def test_trap_rope_in_bf16(monkeypatch) -> None:
     def bf16_tables(freqs: torch.Tensor) -> Rotary:
-        return Rotary(freqs.real.bfloat16().float(), freqs.imag.bfloat16().float())
+        return Rotary(torch.complex(freqs.real.bfloat16().float(), freqs.imag.bfloat16().float()))
 
     monkeypatch.setattr(Rotary, "from_complex", staticmethod(bf16_tables))
     case = CASES["qwen-image-cfg"]

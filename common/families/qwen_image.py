@@ -29,6 +29,7 @@ from common.attention import AttentionLayout, Heads
 from common.cfg import qwen_true_cfg
 from common.checkpoint import ModelFolder
 from common.denoise import DenoiseJob, StepHooks, run_denoise_loop
+from common.graphs import maybe_graphed
 from common.latents import initial_noise, patchify, unpatchify
 from common.options import FamilyDefaults
 from common.rope import Rotary
@@ -415,13 +416,18 @@ class QwenDenoiser:
             )
             branches[name] = (text, layout)
 
+        def branch_forward(text: torch.Tensor, layout: AttentionLayout):
+            def forward(model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+                return self.dit(model_input, text, timestep, layout, modulate_index).index_select(1, noisy_rows)
+
+            return maybe_graphed(forward, self.device)
+
+        forwards = {name: branch_forward(text, layout) for name, (text, layout) in branches.items()}
+
         def predict(latents: torch.Tensor, step: int) -> torch.Tensor:
             timestep = schedule.timesteps[step].expand(batch).to(latents.dtype) / 1000
             model_input = local_input.index_copy(1, noisy_rows, latents)
-            outputs = {
-                name: self.dit(model_input, text, timestep, layout, modulate_index).index_select(1, noisy_rows)
-                for name, (text, layout) in branches.items()
-            }
+            outputs = {name: forward(model_input, timestep) for name, forward in forwards.items()}
             outputs = sharding.exchange(outputs, names)
             if hooks.on_model_output is not None:
                 for name, out in zip(names, outputs, strict=True):

@@ -28,6 +28,7 @@ from common.attention import AttentionBackend, AttentionLayout, Heads
 from common.cfg import z_image_cfg
 from common.checkpoint import ModelFolder
 from common.denoise import DenoiseJob, StepHooks, run_denoise_loop
+from common.graphs import maybe_graphed
 from common.latents import initial_noise, patchify, unpatchify
 from common.options import FamilyDefaults
 from common.rope import Rotary
@@ -170,6 +171,7 @@ class ImageSlots:
 
     plan: SequencePlan
     num_latent: int
+    device: torch.device = torch.device("cpu")
 
     @cached_property
     def local_latent(self) -> int:
@@ -178,7 +180,8 @@ class ImageSlots:
 
     @cached_property
     def register_rows(self) -> torch.Tensor:
-        return (self.plan.local_index >= self.num_latent) | ~self.plan.local_real
+        """`[n, 1]` on the device: True where the learned register token replaces the embedded input."""
+        return ((self.plan.local_index >= self.num_latent) | ~self.plan.local_real)[:, None].to(self.device)
 
     def latent_lengths(self) -> list[int]:
         ranges = (self.plan.segment_range(0, r) for r in range(self.plan.world))
@@ -243,8 +246,7 @@ class ZImageDiT:
         fill = slots.plan.local_len - tokens.shape[1]
         rows = torch.cat([tokens, tokens.new_zeros(batch, fill, tokens.shape[2])], dim=1)
         image = tr.all_x_embedder[PATCH_KEY](rows)
-        registers = slots.register_rows.to(image.device)[None, :, None]
-        image = torch.where(registers, tr.x_pad_token.to(image.dtype), image)
+        image = torch.where(slots.register_rows, tr.x_pad_token.to(image.dtype), image)
 
         refine = AttentionLayout(backend, branch.image_rotary, None)
         for layer in tr.noise_refiner:
@@ -318,7 +320,7 @@ class ZImageDenoiser:
         schedule = schedule_for(self.scheduler_config, opts.steps, opts.width, opts.height).to(self.device)
         scales = guidance_per_step(schedule, opts.guidance_scale, opts.cfg_truncation) if opts.uses_cfg else None
         batch = noise.shape[0]
-        slots = ImageSlots(sharding.plan((padded_length(rows * cols),)), rows * cols)
+        slots = ImageSlots(sharding.plan((padded_length(rows * cols),)), rows * cols, self.device)
         backend = sharding.attention(slots.plan)
         start = slots.plan.segment_range(0)[0]
         latents = patchify(noise, channel_last=True)[:, start : start + slots.local_latent].to(self.device)
@@ -337,14 +339,19 @@ class ZImageDenoiser:
         def full(tokens: torch.Tensor) -> torch.Tensor:
             return unpatchify(gather_tokens(tokens), height, width, channel_last=True)
 
+        def branch_forward(branch: ZImageBranch):
+            def forward(tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+                return self.dit(tokens, timestep, branch, slots, backend)
+
+            return maybe_graphed(forward, self.device)
+
+        forwards = {name: branch_forward(branch) for name, branch in branches.items()}
+
         def predict(latents: torch.Tensor, step: int) -> torch.Tensor:
             timestep = (1000 - schedule.timesteps[step].expand(batch)) / 1000
             model_input = latents.to(self.dtype)
             names = all_names if scales is not None and scales[step] > 0 else ["positive"]
-            outputs = {
-                name: self.dit(model_input, timestep, branches[name], slots, backend)
-                for name in sharding.branches(names)
-            }
+            outputs = {name: forwards[name](model_input, timestep) for name in sharding.branches(names)}
             outputs = sharding.exchange(outputs, names)
             if hooks.on_model_output is not None:
                 for name, out in zip(names, outputs, strict=True):
