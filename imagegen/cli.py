@@ -176,43 +176,21 @@ def _run_local(args: argparse.Namespace, options, images):
     if args.sp < 1:
         raise InvalidArgument("sp", f"must be at least 1, got {args.sp}")
     model = args.model or str(_demo_checkpoint(args))
-    from common.parallel.launch import launched_by_torchrun
+    from common.parallel.launch import (
+        follow_as_torchrun_rank,
+        group_denoiser,
+        is_torchrun_follower,
+        launched_by_torchrun,
+    )
 
-    if launched_by_torchrun():
-        return _run_as_torchrun_rank(model, options, images, args)
-    if args.sp > 1 or args.cfg_parallel:
-        from common.parallel.launch import local_group
-
-        with local_group(model, args.sp, args.cfg_parallel, args.dtype, args.device, args.collective_timeout) as group:
+    group_args = (model, args.sp, args.cfg_parallel, args.dtype, args.device, args.collective_timeout)
+    if is_torchrun_follower():  # under torchrun, rank 0 runs the pipeline and writes the output
+        follow_as_torchrun_rank(*group_args)
+        return None
+    if args.sp > 1 or args.cfg_parallel or launched_by_torchrun():
+        with group_denoiser(*group_args) as group:
             return _run_pipeline(model, options, images, args, denoiser=group)
     return _run_pipeline(model, options, images, args)
-
-
-def _run_as_torchrun_rank(model: str, options, images, args: argparse.Namespace):
-    """Under torchrun every rank runs this command: rank 0 runs the pipeline, the others follow it."""
-    from common.checkpoint import open_model_folder, parse_device, parse_dtype
-    from common.families import get_family
-    from common.parallel.group import ParallelGroup, check_sp_degree
-    from common.parallel.launch import transformer_heads
-    from common.parallel.runner import GroupDenoiser, follow_leader
-
-    check_sp_degree(args.sp, transformer_heads(model))
-    group = ParallelGroup.from_environment(
-        args.sp, args.cfg_parallel, parse_device(args.device), args.collective_timeout
-    )
-    folder = open_model_folder(model)
-    denoiser = get_family(folder.family).denoiser(folder, parse_dtype(args.dtype), group.device)
-    try:
-        if not group.is_leader:
-            follow_leader(group, denoiser)
-            return None
-        runner = GroupDenoiser(group, denoiser)
-        try:
-            return _run_pipeline(model, options, images, args, denoiser=runner)
-        finally:
-            runner.close()
-    finally:
-        group.close()
 
 
 def _run_pipeline(model: str, options, images, args: argparse.Namespace, denoiser=None):

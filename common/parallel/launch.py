@@ -17,13 +17,18 @@ from pathlib import Path
 from common.checkpoint import open_model_folder, parse_device, parse_dtype
 from common.families import get_family
 from common.parallel.group import DEFAULT_TIMEOUT_S, GroupError, ParallelGroup, check_sp_degree
-from common.parallel.runner import GroupDenoiser
+from common.parallel.runner import GroupDenoiser, follow_leader
 
 _RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def is_torchrun_follower() -> bool:
+    """A torchrun rank other than 0: it serves nothing and runs the jobs rank 0 broadcasts."""
+    return launched_by_torchrun() and int(os.environ["RANK"]) != 0
 
 
 def transformer_heads(model: str | Path) -> int:
@@ -124,3 +129,47 @@ def local_group(
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def join_torchrun_group(
+    model: str | Path, sp: int, cfg_parallel: bool, dtype: str, device: str, timeout_s: float
+) -> tuple[ParallelGroup, object]:
+    """Join the group torchrun started (every rank calls this) and load this rank's denoise stage."""
+    check_sp_degree(sp, transformer_heads(model))
+    group = ParallelGroup.from_environment(sp, cfg_parallel, parse_device(device), timeout_s)
+    folder = open_model_folder(model)
+    return group, get_family(folder.family).denoiser(folder, parse_dtype(dtype), group.device)
+
+
+def follow_as_torchrun_rank(
+    model: str | Path, sp: int, cfg_parallel: bool, dtype: str, device: str, timeout_s: float
+) -> None:
+    group, denoiser = join_torchrun_group(model, sp, cfg_parallel, dtype, device, timeout_s)
+    try:
+        follow_leader(group, denoiser)
+    finally:
+        group.close()
+
+
+@contextmanager
+def group_denoiser(
+    model: str | Path,
+    sp: int,
+    cfg_parallel: bool,
+    dtype: str = "float32",
+    device: str = "cpu",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    threads: int = 0,
+):
+    """Rank 0's `GroupDenoiser`: the group torchrun started, or one spawned on this machine."""
+    if not launched_by_torchrun():
+        with local_group(model, sp, cfg_parallel, dtype, device, timeout_s, threads) as runner:
+            yield runner
+        return
+    group, denoiser = join_torchrun_group(model, sp, cfg_parallel, dtype, device, timeout_s)
+    try:
+        runner = GroupDenoiser(group, denoiser)
+        yield runner
+        runner.close()
+    finally:
+        group.close()

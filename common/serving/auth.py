@@ -1,0 +1,59 @@
+"""Optional API keys for the public port: `authorization: Bearer KEY` metadata, keys one per line in a file.
+
+The file is re-read when it changes, so a rotated Kubernetes Secret takes effect without a restart.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import grpc
+
+from common.serving.config import ConfigError
+from common.serving.status import RpcFailure
+
+
+class ApiKeys:
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._stamp: tuple[int, int] | None = None
+        self._keys: list[bytes] = []
+        self._reload()
+        if not self._keys:
+            raise ConfigError(f"--api-keys-file {self.path}: no keys in it")
+
+    def _reload(self) -> None:
+        try:
+            stat = self.path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            if stamp == self._stamp:
+                return
+            lines = self.path.read_text().splitlines()
+        except OSError as exc:
+            if self._stamp is None:
+                raise ConfigError(f"--api-keys-file {self.path}: {exc.strerror}") from exc
+            return  # keep the last good keys while a Secret is being swapped
+        self._keys = [line.strip().encode() for line in lines if line.strip() and not line.startswith("#")]
+        self._stamp = stamp
+
+    def check(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
+        """Raise UNAUTHENTICATED unless the metadata carries one of the keys."""
+        self._reload()
+        header = next((value for key, value in metadata or () if key == "authorization"), None)
+        if header is None:
+            raise RpcFailure(grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <key>' metadata")
+        if isinstance(header, bytes):
+            header = header.decode(errors="replace")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise RpcFailure(grpc.StatusCode.UNAUTHENTICATED, "authorization metadata must be 'Bearer <key>'")
+        candidate = token.strip().encode()
+        # Compare against every key so the time taken does not tell which one nearly matched.
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(candidate, key)
+        if not matched:
+            raise RpcFailure(grpc.StatusCode.UNAUTHENTICATED, "unknown API key")

@@ -1,0 +1,91 @@
+"""Proto messages <-> runtime objects: request options, resolved options, output formats, token grids."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from common.errors import InvalidArgument
+from common.options import RequestOptions, ResolvedOptions
+from imagegen.v1 import common_pb2, denoiser_pb2
+
+# Optional public request fields that map one to one onto RequestOptions (unset: the family's default).
+OPTION_FIELDS = (
+    "negative_prompt",
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "cfg_normalization",
+    "cfg_truncation",
+    "max_sequence_length",
+    "seed",
+)
+_PREFIX = "OUTPUT_FORMAT_"
+
+
+def request_options(request) -> RequestOptions:
+    """A GenerateImageRequest/EditImageRequest -> RequestOptions (validation happens in `resolve_for`)."""
+    values = {name: getattr(request, name) if request.HasField(name) else None for name in OPTION_FIELDS}
+    num_images = request.num_images if request.HasField("num_images") else 1
+    return RequestOptions(prompt=request.prompt, num_images=num_images, **values)
+
+
+def format_name(value: int, field: str = "output_format") -> str:
+    """Enum value -> "PNG"/"JPEG"/"WEBP"/"NPY" (unspecified: PNG); unknown numbers are the caller's error."""
+    if value == common_pb2.OUTPUT_FORMAT_UNSPECIFIED:
+        return "PNG"
+    try:
+        return common_pb2.OutputFormat.Name(value).removeprefix(_PREFIX)
+    except ValueError:
+        known = ", ".join(n for n in common_pb2.OutputFormat.keys() if n != "OUTPUT_FORMAT_UNSPECIFIED")
+        raise InvalidArgument(field, f"unknown output format {value} (use one of {known})") from None
+
+
+def format_value(name: str) -> int:
+    return common_pb2.OutputFormat.Value(_PREFIX + name.upper())
+
+
+def resolved_to_proto(resolved: ResolvedOptions) -> denoiser_pb2.ResolvedOptions:
+    message = denoiser_pb2.ResolvedOptions(
+        family=resolved.family,
+        prompt=resolved.prompt,
+        width=resolved.width,
+        height=resolved.height,
+        steps=resolved.steps,
+        guidance_scale=resolved.guidance_scale,
+        cfg_normalization=resolved.cfg_normalization,
+        cfg_truncation=resolved.cfg_truncation,
+        max_sequence_length=resolved.max_sequence_length,
+        seed=resolved.seed,
+        num_images=resolved.num_images,
+        num_input_images=resolved.num_input_images,
+    )
+    if resolved.negative_prompt is not None:
+        message.negative_prompt = resolved.negative_prompt
+    return message
+
+
+def resolved_from_proto(message: denoiser_pb2.ResolvedOptions) -> ResolvedOptions:
+    return ResolvedOptions(
+        family=message.family,
+        prompt=message.prompt,
+        negative_prompt=message.negative_prompt if message.HasField("negative_prompt") else None,
+        width=message.width,
+        height=message.height,
+        steps=message.steps,
+        guidance_scale=message.guidance_scale,
+        cfg_normalization=message.cfg_normalization,
+        cfg_truncation=message.cfg_truncation,
+        max_sequence_length=message.max_sequence_length,
+        seed=message.seed,
+        num_images=message.num_images,
+        num_input_images=message.num_input_images,
+    )
+
+
+def grids_to_proto(shapes: Iterable[tuple[int, int, int]]) -> list[denoiser_pb2.TokenGrid]:
+    return [denoiser_pb2.TokenGrid(frames=f, rows=r, cols=c) for f, r, c in shapes]
+
+
+def grids_from_proto(grids: Iterable[denoiser_pb2.TokenGrid]) -> list[tuple[int, int, int]]:
+    return [(g.frames, g.rows, g.cols) for g in grids]

@@ -1,0 +1,107 @@
+"""Prompt embeddings between encoder and denoiser: look up or compute (encoder), fetch by key (denoiser).
+
+With Redis the encoder answers a key and the denoiser reads the tensor from Redis; when Redis fails, the
+encoder passes the tensor inline and counts it, so a dead or slow Redis never fails a request. Without Redis
+an in-process LRU (bounded in bytes) saves repeated encodes and tensors always travel inline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import grpc
+import torch
+
+from common.cache import CacheUnavailable, LruBytes, RedisStore
+from common.errors import InvalidArgument
+from common.serving import metrics
+from common.serving.status import EMBEDDINGS_MISSING, with_reason
+from common.wire import unpack
+from imagegen.v1 import encoder_pb2
+
+TENSOR_NAME = "embeds"
+
+
+class EmbeddingCache:
+    def __init__(self, store: RedisStore | None, lru: LruBytes) -> None:
+        self.store = store
+        self.lru = lru
+        self._inflight: dict[str, asyncio.Future[bytes]] = {}  # key -> the encode running for it
+
+    async def get_or_compute(
+        self, key: str, inline: bool, compute: Callable[[], Awaitable[bytes]]
+    ) -> tuple[encoder_pb2.Embeddings, bool]:
+        """Embeddings for `key` (a cache key or inline bytes) and whether it was a hit."""
+        shared_ok = self.store is not None
+        if self.store is not None:
+            try:
+                if inline:
+                    data = await self.store.get(key)
+                    if data is not None:
+                        metrics.CACHE_LOOKUPS.labels("encoder", "redis", "hit").inc()
+                        return encoder_pb2.Embeddings(safetensors=data), True
+                elif await self.store.touch(key):
+                    metrics.CACHE_LOOKUPS.labels("encoder", "redis", "hit").inc()
+                    return encoder_pb2.Embeddings(key=key), True
+                metrics.CACHE_LOOKUPS.labels("encoder", "redis", "miss").inc()
+            except CacheUnavailable:
+                metrics.CACHE_LOOKUPS.labels("encoder", "redis", "error").inc()
+                shared_ok = False
+        else:
+            data = self.lru.get(key)
+            if data is not None:
+                metrics.CACHE_LOOKUPS.labels("encoder", "lru", "hit").inc()
+                return encoder_pb2.Embeddings(safetensors=data), True
+            metrics.CACHE_LOOKUPS.labels("encoder", "lru", "miss").inc()
+
+        data = await self._single_flight(key, compute)
+        if self.store is None:
+            self.lru.put(key, data)
+            return encoder_pb2.Embeddings(safetensors=data), False
+        if shared_ok:
+            try:
+                await self.store.put(key, data)
+                if not inline:
+                    return encoder_pb2.Embeddings(key=key), False
+            except CacheUnavailable:
+                shared_ok = False
+        if not shared_ok and not inline:
+            metrics.CACHE_INLINE_FALLBACKS.labels("encoder").inc()
+        return encoder_pb2.Embeddings(safetensors=data), False
+
+    async def _single_flight(self, key: str, compute: Callable[[], Awaitable[bytes]]) -> bytes:
+        """Concurrent requests for one key share one encode, which finishes even if its first caller leaves."""
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(compute())
+            self._inflight[key] = task
+            task.add_done_callback(lambda done: self._finished(key, done))
+        return await asyncio.shield(task)
+
+    def _finished(self, key: str, task: asyncio.Future) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # mark retrieved: every caller may have gone
+
+
+async def load_embeddings(message: encoder_pb2.Embeddings, store: RedisStore | None, field: str) -> torch.Tensor:
+    """The denoiser's side: inline bytes, or the tensor the key names in Redis (EMBEDDINGS_MISSING if gone)."""
+    if message.safetensors:
+        return unpack(message.safetensors, TENSOR_NAME, field)
+    if not message.key:
+        raise InvalidArgument(field, "needs a cache key or inline safetensors bytes")
+    if store is None:
+        raise with_reason(
+            grpc.StatusCode.FAILED_PRECONDITION, EMBEDDINGS_MISSING, f"{field}: this denoiser has no cache; send inline"
+        )
+    try:
+        data = await store.get(message.key)
+    except CacheUnavailable as exc:
+        metrics.CACHE_LOOKUPS.labels("denoiser", "redis", "error").inc()
+        raise with_reason(grpc.StatusCode.FAILED_PRECONDITION, EMBEDDINGS_MISSING, f"{field}: {exc}") from exc
+    if data is None:
+        metrics.CACHE_LOOKUPS.labels("denoiser", "redis", "miss").inc()
+        raise with_reason(grpc.StatusCode.FAILED_PRECONDITION, EMBEDDINGS_MISSING, f"{field}: key not in the cache")
+    metrics.CACHE_LOOKUPS.labels("denoiser", "redis", "hit").inc()
+    return unpack(data, TENSOR_NAME, field)

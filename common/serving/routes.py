@@ -1,0 +1,153 @@
+"""The gateway's model table: which encoder/denoiser/VAE serve each model id, and what family they host.
+
+Families are learned from the backends' `Describe` (so the gateway validates requests without loading a
+model); a route is usable once its three backends answered and agree on the family.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+
+from common.errors import InvalidArgument
+from common.families import Family, get_family
+from common.serving.channels import Deadline, RetryPolicy, call_with_retries, internal_channel
+from common.serving.config import ConfigError
+from common.serving.status import RpcFailure
+from common.serving.tls import TlsConfig
+from imagegen.v1 import common_pb2, denoiser_pb2_grpc, encoder_pb2_grpc, vae_pb2_grpc
+
+log = logging.getLogger("imagegen.routes")
+STAGES = ("encoder", "denoiser", "vae")
+DESCRIBE_TIMEOUT = 5.0
+
+
+def parse_routes(text: str) -> dict[str, dict[str, str]]:
+    """`--routes` JSON -> {model id: {"encoder": addr, "denoiser": addr, "vae": addr}}."""
+    try:
+        table = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--routes: not JSON ({exc})") from exc
+    if not isinstance(table, dict) or not table:
+        raise ConfigError("--routes: expected a non-empty object {MODEL_ID: {encoder, denoiser, vae}}")
+    for model, backends in table.items():
+        if not isinstance(backends, dict) or set(backends) != set(STAGES):
+            raise ConfigError(f"--routes: {model!r} needs exactly the keys encoder, denoiser, vae")
+        if not all(isinstance(a, str) and a for a in backends.values()):
+            raise ConfigError(f"--routes: {model!r} has an empty or non-string address")
+    return table
+
+
+@dataclass
+class Route:
+    name: str | None  # the id requests use; None until learned from the backends (flag-configured route)
+    addresses: dict[str, str]
+    tls: TlsConfig
+    family: Family | None = None
+    infos: dict[str, common_pb2.ModelInfo] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.channels: dict[str, grpc.aio.Channel] = {}
+        self._lock = asyncio.Lock()
+
+    def _connect(self) -> None:
+        """Open the channels (inside the running event loop, which aio channels bind to)."""
+        if self.channels:
+            return
+        self.channels = {stage: internal_channel(self.addresses[stage], self.tls) for stage in STAGES}
+        self.encoder = encoder_pb2_grpc.EncoderServiceStub(self.channels["encoder"])
+        self.denoiser = denoiser_pb2_grpc.DenoiserServiceStub(self.channels["denoiser"])
+        self.vae = vae_pb2_grpc.VaeServiceStub(self.channels["vae"])
+
+    @property
+    def denoiser_reads_cache(self) -> bool:
+        return self.infos["denoiser"].reads_cache
+
+    async def describe(self, policy: RetryPolicy) -> Family:
+        """Ask the three backends what they host (once; later calls return the answer)."""
+        async with self._lock:
+            if self.family is not None:
+                return self.family
+            self._connect()
+            stubs = {"encoder": self.encoder, "denoiser": self.denoiser, "vae": self.vae}
+            infos = {}
+            for stage, stub in stubs.items():
+                try:
+                    infos[stage] = await call_with_retries(
+                        stub.Describe, common_pb2.DescribeRequest(), stage, Deadline(DESCRIBE_TIMEOUT), policy
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    raise RpcFailure(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"{stage} of model {self.name or '(default)'} at {self.addresses[stage]}: {exc.details()}",
+                    ) from exc
+            families = {stage: info.family for stage, info in infos.items()}
+            if len(set(families.values())) != 1:
+                raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, f"backends disagree on the family: {families}")
+            self.infos = infos
+            self.name = self.name or infos["denoiser"].model_id
+            self.family = get_family(infos["denoiser"].family)
+            log.info("route ready", extra={"model": self.name, "family": self.family.name, **self.addresses})
+            return self.family
+
+    async def close(self) -> None:
+        for channel in self.channels.values():
+            await channel.close()
+
+
+class RouteTable:
+    def __init__(
+        self, table: dict[str | None, dict[str, str]], default_model: str | None, tls: TlsConfig, policy: RetryPolicy
+    ) -> None:
+        self.routes = [Route(name, addresses, tls) for name, addresses in table.items()]
+        self.policy = policy
+        if default_model is None and len(self.routes) > 1:
+            raise ConfigError("--default-model is required with several --routes")
+        if default_model is not None and None not in table and default_model not in table:
+            raise ConfigError(f"--default-model {default_model!r} is not in --routes")
+        self.default_model = default_model
+
+    def _default(self) -> Route:
+        if self.default_model is None:
+            return self.routes[0]
+        return next(r for r in self.routes if r.name in (self.default_model, None))
+
+    async def get(self, model: str) -> tuple[Route, Family]:
+        """The route for a request's `model` field ("" = default), described if it was not yet."""
+        if not model:
+            route = self._default()
+        else:
+            matches = [r for r in self.routes if r.name == model]
+            if not matches:
+                # The flag-configured route learns its name on first contact.
+                for route in self.routes:
+                    if route.name is None:
+                        await route.describe(self.policy)
+                matches = [r for r in self.routes if r.name == model]
+            if not matches:
+                known = ", ".join(sorted(r.name for r in self.routes if r.name)) or "none yet"
+                raise InvalidArgument("model", f"unknown model {model!r} (served: {known})")
+            route = matches[0]
+        return route, await route.describe(self.policy)
+
+    async def discover(self, interval: float = 0.5, max_interval: float = 5.0) -> None:
+        """Describe every route, retrying until all answer (the gateway reports SERVING after this)."""
+        while True:
+            results = await asyncio.gather(*(r.describe(self.policy) for r in self.routes), return_exceptions=True)
+            failures = [str(e) for e in results if isinstance(e, BaseException)]
+            if not failures:
+                return
+            log.warning("waiting for backends", extra={"errors": failures})
+            await asyncio.sleep(interval)
+            interval = min(max_interval, interval * 2)
+
+    def default_name(self) -> str:
+        return self._default().name or ""
+
+    async def close(self) -> None:
+        for route in self.routes:
+            await route.close()

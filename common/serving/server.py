@@ -1,0 +1,183 @@
+"""Server bootstrap shared by every service: gRPC (asyncio) with health and reflection, metrics, TLS, JSON
+logs, and a graceful drain on SIGTERM.
+
+Health reports NOT_SERVING from the moment the port opens until the service's `prepare` (model loading,
+backend discovery) finishes, then SERVING; on SIGTERM it flips back to NOT_SERVING, the servers stop taking new
+RPCs and in-flight ones get `grace` seconds to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common.errors import ImagegenError
+from common.serving.config import ConfigError
+from common.serving.metrics import start_metrics_server
+
+log = logging.getLogger("imagegen.server")
+INTERNAL_MESSAGE_LIMIT = -1  # tensors between our own services: no gRPC size cap
+# Internal servers close connections after this age (in-flight calls finish first), so that gateways re-resolve
+# a headless Service's DNS and spread calls over new replicas too.
+INTERNAL_CONNECTION_AGE_MS = 300_000
+
+
+@dataclass
+class Service:
+    """One gRPC service and its lifecycle hooks."""
+
+    name: str  # full proto name, e.g. imagegen.v1.EncoderService (also its health service name)
+    register: Callable[[grpc.aio.Server], None]
+    prepare: Callable[[], Awaitable[None]]  # load models / discover backends; SERVING once it returns
+    close: Callable[[], Awaitable[None]] | None = None  # after the drain
+    max_receive_bytes: int = INTERNAL_MESSAGE_LIMIT
+    internal: bool = True
+
+
+@dataclass
+class Endpoint:
+    service: Service
+    host: str
+    port: int
+    credentials: grpc.ServerCredentials | None = None
+    server: grpc.aio.Server | None = field(default=None, init=False)
+    health: health.aio.HealthServicer | None = field(default=None, init=False)
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        options = [
+            ("grpc.max_receive_message_length", self.service.max_receive_bytes),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0),  # a taken port must fail loudly, not be shared with another process
+        ]
+        if self.service.internal:
+            options.append(("grpc.max_connection_age_ms", INTERNAL_CONNECTION_AGE_MS))
+        server = grpc.aio.server(options=options)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.service.register(server)
+        names = (self.service.name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        try:
+            if self.credentials is None:
+                bound = server.add_insecure_port(self.address)
+            else:
+                bound = server.add_secure_port(self.address, self.credentials)
+        except RuntimeError as exc:
+            raise ConfigError(f"{self.service.name}: cannot listen on {self.address}: {exc}") from exc
+        if not bound:
+            raise ConfigError(f"{self.service.name}: cannot listen on {self.address}")
+        await self.set_health(False)
+        await server.start()
+        self.server = server
+        log.info(
+            "listening",
+            extra={"grpc_service": self.service.name, "address": self.address, "tls": bool(self.credentials)},
+        )
+
+    async def set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", self.service.name):
+            await self.health.set(name, status)
+
+
+async def _health_server(host: str, port: int, servicer: health.aio.HealthServicer) -> grpc.aio.Server:
+    """A plaintext listener with only grpc.health.v1.Health (the first endpoint's statuses): kubelet gRPC probes
+    cannot speak TLS."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise ConfigError(f"health port: cannot listen on {address}: {exc}") from exc
+    if not bound:
+        raise ConfigError(f"health port: cannot listen on {address}")
+    await server.start()
+    log.info("health listening", extra={"address": address})
+    return server
+
+
+async def serve(
+    endpoints: list[Endpoint], grace: float, metrics_host: str, metrics_port: int, health_port: int = 0
+) -> int:
+    """Run until SIGTERM/SIGINT; drain the endpoints in list order (put the gateway first). Returns the exit code.
+
+    With `health_port`, a plaintext health listener mirrors the first endpoint's health; it stops last, so
+    probes see NOT_SERVING (not a refused connection) during the drain."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    metrics_server = None
+    health_server = None
+    code = 0
+    try:
+        metrics_server = start_metrics_server(metrics_port, metrics_host)
+        for endpoint in endpoints:
+            await endpoint.start()
+        if health_port:
+            health_server = await _health_server(metrics_host, health_port, endpoints[0].health)
+        code = await _prepare_until_stopped(endpoints, stop)
+        if code == 0:
+            await stop.wait()
+            log.info("draining", extra={"grace_s": grace})
+    except ConfigError as exc:
+        log.error(str(exc))
+        code = 2
+    finally:
+        for endpoint in endpoints:
+            if endpoint.health is not None:
+                await endpoint.set_health(False)
+        for endpoint in endpoints:
+            if endpoint.server is not None:
+                await endpoint.server.stop(grace)
+        for endpoint in endpoints:
+            if endpoint.service.close is not None:
+                await endpoint.service.close()
+        if health_server is not None:
+            await health_server.stop(0)
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        log.info("stopped", extra={"exit_code": code})
+    return code
+
+
+async def _prepare_until_stopped(endpoints: list[Endpoint], stop: asyncio.Event) -> int:
+    async def prepare(endpoint: Endpoint) -> None:
+        await endpoint.service.prepare()
+        await endpoint.set_health(True)
+        log.info("serving", extra={"grpc_service": endpoint.service.name})
+
+    tasks = [asyncio.create_task(prepare(e)) for e in endpoints]
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        pending = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending | {stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if stopper in done:
+                return 0  # SIGTERM while starting: drain what is up
+            pending.discard(stopper)
+            for task in done:
+                error = task.exception()
+                if isinstance(error, ImagegenError):  # a configuration or model problem: one clear line
+                    log.error(f"start-up failed: {error}")
+                    return 1
+                if error is not None:
+                    log.error("start-up failed", exc_info=error)
+                    return 1
+        return 0
+    finally:
+        for task in (*tasks, stopper):
+            task.cancel()

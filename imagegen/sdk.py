@@ -1,0 +1,448 @@
+"""Python SDK for the imagegen gateway: `ImageClient` (blocking) and `AsyncImageClient` (asyncio).
+
+    from imagegen.sdk import ImageClient
+
+    with ImageClient("localhost:50051", api_key="...") as client:
+        result = client.generate("a red fox in the snow", width=512, height=512, seed=7)
+        result.images[0].save("fox.png")          # PIL images
+        exact = client.generate("a fox", output_format="npy", seed=7).array  # float32 [K, H, W, 3]
+
+Unset options take the model family's diffusers defaults. Pass `progress=callback` to receive `Progress`
+updates (stage, step of total, queue position) over the streaming RPC. Failures raise `ImageServiceError`
+subclasses (`InvalidArgumentError.field` names the offending field). UNAVAILABLE, and RESOURCE_EXHAUSTED with a
+retry hint (a full queue), are retried with exponential backoff within the call's timeout.
+
+No torch here: the SDK needs grpcio, protobuf, numpy and Pillow only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import grpc
+import numpy as np
+import PIL.Image
+
+from common.errors import ImagegenError
+from common.outputs import decode_output, to_pil_images
+from common.serving.status import ErrorDetails, parse_error
+from imagegen.v1 import common_pb2, image_service_pb2, image_service_pb2_grpc
+
+ImageInput = PIL.Image.Image | bytes | str | os.PathLike
+_STAGES = {
+    common_pb2.STAGE_QUEUED: "queued",
+    common_pb2.STAGE_ENCODING: "encoding",
+    common_pb2.STAGE_DENOISING: "denoising",
+    common_pb2.STAGE_DECODING: "decoding",
+}
+_OPTIONAL_FIELDS = (
+    "negative_prompt",
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "cfg_normalization",
+    "cfg_truncation",
+    "max_sequence_length",
+    "seed",
+    "num_images",
+)
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+    # Reconnect soon after a gateway restart, so that the retries below can succeed (gRPC's default waits >= 1 s).
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+]
+
+
+# ---------------------------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class Progress:
+    stage: str  # "queued", "encoding", "denoising" or "decoding"
+    step: int = 0
+    total_steps: int = 0
+    queue_position: int = 0
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class Result:
+    """The images of one request, as encoded by the server (`blobs`), decoded on first use."""
+
+    request_id: str
+    model: str
+    seed: int
+    output_format: str
+    blobs: tuple[bytes, ...] = field(repr=False)
+
+    @cached_property
+    def array(self) -> np.ndarray:
+        """float32 `[K, H, W, 3]` in [0, 1]: exact with `output_format="npy"`, else the decoded pixels / 255."""
+        return np.stack([decode_output(blob, self.output_format) for blob in self.blobs])
+
+    @cached_property
+    def images(self) -> list[PIL.Image.Image]:
+        if self.output_format == "NPY":
+            return to_pil_images(self.array)  # rounds exactly as diffusers' output_type="pil"
+        return [PIL.Image.open(io.BytesIO(blob)) for blob in self.blobs]
+
+
+# ----------------------------------------------------------------------------------------------------- errors
+class ImageServiceError(ImagegenError):
+    """A call failed with a gRPC status; `details` holds the parsed google.rpc details."""
+
+    def __init__(self, details: ErrorDetails) -> None:
+        super().__init__(f"{details.code.name}: {details.message}")
+        self.details = details
+        self.code = details.code
+        self.message = details.message
+
+
+class InvalidArgumentError(ImageServiceError):
+    @property
+    def field(self) -> str | None:
+        """The offending request field (first violation), e.g. "width" or "images[0]"."""
+        return self.details.field_violations[0][0] if self.details.field_violations else None
+
+
+class UnauthenticatedError(ImageServiceError):
+    pass
+
+
+class ResourceExhaustedError(ImageServiceError):
+    pass
+
+
+class DeadlineExceededError(ImageServiceError):
+    pass
+
+
+class UnavailableError(ImageServiceError):
+    pass
+
+
+class RequestCancelledError(ImageServiceError):
+    pass
+
+
+_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.CANCELLED: RequestCancelledError,
+}
+
+
+def error_from(error: grpc.RpcError) -> ImageServiceError:
+    details = parse_error(error)
+    return _ERRORS.get(details.code, ImageServiceError)(details)
+
+
+# ------------------------------------------------------------------------------------------------ shared core
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 4
+    initial_backoff: float = 0.2
+    max_backoff: float = 5.0
+
+    def delay(self, error: ImageServiceError, attempt: int, deadline: float | None) -> float | None:
+        """Seconds to wait before retrying, or None when the error is final."""
+        retryable = error.code == grpc.StatusCode.UNAVAILABLE or (
+            error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.details.retry_delay is not None
+        )
+        if not retryable or attempt + 1 >= self.attempts:
+            return None
+        delay = random.uniform(0, min(self.max_backoff, self.initial_backoff * 2**attempt))
+        delay = max(delay, error.details.retry_delay or 0.0)
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            return None
+        return delay
+
+
+def _image_bytes(image: ImageInput) -> bytes:
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, PIL.Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")  # lossless: the server sees exactly these pixels
+        return buffer.getvalue()
+    with open(image, "rb") as file:
+        return file.read()
+
+
+def _format_value(name: str) -> int:
+    try:
+        return common_pb2.OutputFormat.Value("OUTPUT_FORMAT_" + name.upper())
+    except ValueError:
+        raise ValueError(f"output_format must be png, jpeg, webp or npy, got {name!r}") from None
+
+
+class _Core:
+    """What both clients share: requests, metadata, deadlines, results."""
+
+    def __init__(self, target: str, api_key: str | None, model: str | None, timeout: float | None, retry: RetryPolicy):
+        self.target = target
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.model = model
+        self.timeout = timeout
+        self.retry = retry
+
+    def request(self, images: Sequence[ImageInput] | None, prompt: str, options: dict[str, Any]):
+        unknown = set(options) - {*_OPTIONAL_FIELDS, "output_format", "request_id", "model"}
+        if unknown:
+            raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
+        fields = {k: v for k, v in options.items() if k in _OPTIONAL_FIELDS and v is not None}
+        fields["output_format"] = _format_value(options.get("output_format") or "png")
+        fields["model"] = options.get("model") or self.model or ""
+        fields["request_id"] = options.get("request_id") or ""
+        if images is None:
+            return image_service_pb2.GenerateImageRequest(prompt=prompt, **fields)
+        if isinstance(images, PIL.Image.Image | bytes | str | os.PathLike):
+            images = [images]
+        return image_service_pb2.EditImageRequest(prompt=prompt, images=[_image_bytes(i) for i in images], **fields)
+
+    def deadline(self, timeout: float | None) -> float | None:
+        timeout = self.timeout if timeout is None else timeout
+        return None if timeout is None else time.monotonic() + timeout
+
+    @staticmethod
+    def remaining(deadline: float | None) -> float | None:
+        return None if deadline is None else max(0.001, deadline - time.monotonic())
+
+    @staticmethod
+    def result(response: image_service_pb2.ImageResponse) -> Result:
+        value = response.images[0].format if response.images else common_pb2.OUTPUT_FORMAT_PNG
+        fmt = common_pb2.OutputFormat.Name(value).removeprefix("OUTPUT_FORMAT_")
+        blobs = tuple(image.data for image in response.images)
+        return Result(response.request_id, response.model, response.seed, fmt, blobs)
+
+    @staticmethod
+    def progress(message: common_pb2.Progress) -> Progress:
+        return Progress(
+            _STAGES.get(message.stage, "unknown"),
+            message.step,
+            message.total_steps,
+            message.queue_position,
+            message.request_id,
+        )
+
+    @staticmethod
+    def credentials(tls: bool, root_certificates: bytes | None) -> grpc.ChannelCredentials | None:
+        if not tls and root_certificates is None:
+            return None
+        return grpc.ssl_channel_credentials(root_certificates=root_certificates)
+
+
+ProgressCallback = Callable[[Progress], Any]
+
+
+# ----------------------------------------------------------------------------------------------- sync client
+class ImageClient:
+    """Blocking client. `timeout` (seconds) bounds each call including its retries; None waits as long as it takes."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        api_key: str | None = None,
+        model: str | None = None,
+        timeout: float | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        retry: RetryPolicy = RetryPolicy(),
+    ) -> None:
+        self._core = _Core(target, api_key, model, timeout, retry)
+        credentials = _Core.credentials(tls, root_certificates)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+        self._stub = image_service_pb2_grpc.ImageServiceStub(self._channel)
+
+    def generate(
+        self, prompt: str, *, progress: ProgressCallback | None = None, timeout: float | None = None, **options: Any
+    ) -> Result:
+        """Text to image. Options: negative_prompt, width, height, steps, guidance_scale, cfg_normalization,
+        cfg_truncation, max_sequence_length, seed, num_images, output_format ("png", "jpeg", "webp", "npy"),
+        model, request_id."""
+        request = self._core.request(None, prompt, options)
+        stream, unary = self._stub.GenerateImageStream, self._stub.GenerateImage
+        return self._call(request, unary, stream, progress, timeout)
+
+    def edit(
+        self,
+        images: Sequence[ImageInput],
+        prompt: str,
+        *,
+        progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> Result:
+        """Edit `images` (PIL images, encoded bytes or file paths; one or a list) with `prompt`; options as
+        `generate`."""
+        request = self._core.request(images, prompt, options)
+        return self._call(request, self._stub.EditImage, self._stub.EditImageStream, progress, timeout)
+
+    def list_models(self, timeout: float | None = None) -> image_service_pb2.ListModelsResponse:
+        request = image_service_pb2.ListModelsRequest()
+        metadata = self._core.metadata
+        return self._retrying(lambda t: self._stub.ListModels(request, timeout=t, metadata=metadata), timeout)
+
+    def _call(self, request, unary, stream, progress: ProgressCallback | None, timeout: float | None) -> Result:
+        if progress is None:
+            return self._retrying(
+                lambda t: self._core.result(unary(request, timeout=t, metadata=self._core.metadata)), timeout
+            )
+
+        def streamed(t: float | None) -> Result:
+            call = stream(request, timeout=t, metadata=self._core.metadata)
+            try:
+                for event in call:
+                    if event.HasField("result"):
+                        return self._core.result(event.result)
+                    progress(self._core.progress(event.progress))
+            finally:
+                call.cancel()  # an exception in the callback (or ^C) cancels the request on the server too
+            raise ImageServiceError(ErrorDetails(grpc.StatusCode.INTERNAL, "stream ended without a result"))
+
+        return self._retrying(streamed, timeout)
+
+    def _retrying(self, attempt_call: Callable[[float | None], Any], timeout: float | None) -> Any:
+        deadline = self._core.deadline(timeout)
+        attempt = 0
+        while True:
+            try:
+                return attempt_call(self._core.remaining(deadline))
+            except grpc.RpcError as rpc_error:
+                error = error_from(rpc_error)
+                delay = self._core.retry.delay(error, attempt, deadline)
+                if delay is None:
+                    raise error from None
+            time.sleep(delay)
+            attempt += 1
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ImageClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------- async client
+class AsyncImageClient:
+    """asyncio client with the same methods as `ImageClient` (awaitable). Cancelling the awaiting task cancels
+    the request on the server."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        api_key: str | None = None,
+        model: str | None = None,
+        timeout: float | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        retry: RetryPolicy = RetryPolicy(),
+    ) -> None:
+        self._core = _Core(target, api_key, model, timeout, retry)
+        credentials = _Core.credentials(tls, root_certificates)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+        self._stub = image_service_pb2_grpc.ImageServiceStub(self._channel)
+
+    async def generate(
+        self, prompt: str, *, progress: ProgressCallback | None = None, timeout: float | None = None, **options: Any
+    ) -> Result:
+        request = self._core.request(None, prompt, options)
+        return await self._call(request, self._stub.GenerateImage, self._stub.GenerateImageStream, progress, timeout)
+
+    async def edit(
+        self,
+        images: Sequence[ImageInput],
+        prompt: str,
+        *,
+        progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> Result:
+        request = self._core.request(images, prompt, options)
+        return await self._call(request, self._stub.EditImage, self._stub.EditImageStream, progress, timeout)
+
+    async def list_models(self, timeout: float | None = None) -> image_service_pb2.ListModelsResponse:
+        request = image_service_pb2.ListModelsRequest()
+
+        async def once(t: float | None):
+            return await self._stub.ListModels(request, timeout=t, metadata=self._core.metadata)
+
+        return await self._retrying(once, timeout)
+
+    async def _call(self, request, unary, stream, progress: ProgressCallback | None, timeout: float | None) -> Result:
+        async def once(t: float | None) -> Result:
+            if progress is None:
+                return self._core.result(await unary(request, timeout=t, metadata=self._core.metadata))
+            call = stream(request, timeout=t, metadata=self._core.metadata)
+            try:
+                async for event in call:
+                    if event.HasField("result"):
+                        return self._core.result(event.result)
+                    outcome = progress(self._core.progress(event.progress))
+                    if asyncio.iscoroutine(outcome):
+                        await outcome
+            finally:
+                call.cancel()
+            raise ImageServiceError(ErrorDetails(grpc.StatusCode.INTERNAL, "stream ended without a result"))
+
+        return await self._retrying(once, timeout)
+
+    async def _retrying(self, attempt_call, timeout: float | None) -> Any:
+        deadline = self._core.deadline(timeout)
+        attempt = 0
+        while True:
+            try:
+                return await attempt_call(self._core.remaining(deadline))
+            except grpc.RpcError as rpc_error:
+                error = error_from(rpc_error)
+                delay = self._core.retry.delay(error, attempt, deadline)
+                if delay is None:
+                    raise error from None
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncImageClient:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+def run_remote(args: Any, options: Any, images: Sequence[PIL.Image.Image]) -> np.ndarray:
+    """`imagegen generate/edit --target HOST:PORT`: the same request through a gateway; float32 `[K, H, W, 3]`."""
+    fields = {name: getattr(options, name) for name in _OPTIONAL_FIELDS}
+    with ImageClient(args.target, api_key=args.api_key, model=args.model) as client:
+        if images:
+            result = client.edit(images, options.prompt, output_format="npy", **fields)
+        else:
+            result = client.generate(options.prompt, output_format="npy", **fields)
+    print(f"seed {result.seed}", file=sys.stderr)
+    return result.array

@@ -1,0 +1,1 @@
+"""The gRPC services: thin servicers over `common.serving`. Start them with `imagegen serve ...`."""

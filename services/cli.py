@@ -1,0 +1,37 @@
+"""`imagegen serve {gateway,encoder,denoiser,vae,all}`: parse the flags (each also read from its IMAGEGEN_*
+variable; docs/services.md is the contract), then run until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_serve_parser(subcommands: argparse._SubParsersAction) -> None:
+    from services.flags import add_service_parsers
+
+    serve_parser = subcommands.add_parser("serve", help="start a service, or all of them in one process")
+    add_service_parsers(serve_parser.add_subparsers(dest="service", required=True))
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the chosen service(s); returns the process exit status. Configuration errors raise ImagegenError."""
+    import asyncio
+
+    from common.serving.hosting import pin_torch_threads
+    from common.serving.logs import configure_logging
+    from common.serving.server import serve as run_servers
+    from common.serving.tls import TlsConfig
+    from services.all_in_one import endpoints
+
+    configure_logging(args.log_level, args.service)
+    pin_torch_threads(args.torch_threads)
+    if args.service == "denoiser":
+        from common.parallel.launch import is_torchrun_follower
+
+        if is_torchrun_follower():  # rank 0 of the torchrun group serves; the others follow it
+            from services.denoiser import follow
+
+            return follow(args)
+    tls = TlsConfig.from_args(args.tls_cert, args.tls_key, args.tls_ca)
+    servers = run_servers(endpoints(args, tls), args.grace_period, args.host, args.metrics_port, args.health_port)
+    return asyncio.run(servers)

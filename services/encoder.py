@@ -1,0 +1,93 @@
+"""EncoderService: prompts (and edit images) -> embeddings, cached under content keys (Redis or an LRU)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from common.cache import EmbeddingKey, LruBytes, RedisStore, image_digests
+from common.errors import InvalidArgument
+from common.images import decode_image
+from common.serving import metrics
+from common.serving.config import redis_password
+from common.serving.embeddings import TENSOR_NAME, EmbeddingCache
+from common.serving.handlers import in_executor, require_ready, rpc
+from common.serving.hosting import HostedModel, compute_thread
+from common.serving.server import Service
+from common.wire import pack
+from imagegen.v1 import encoder_pb2, encoder_pb2_grpc
+
+SERVICE = "imagegen.v1.EncoderService"
+
+
+class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
+    def __init__(self, args: argparse.Namespace, model: HostedModel) -> None:
+        self.args = args
+        self.model = model
+        self.executor = compute_thread("encoder")
+        self.stage = None
+        self.cache: EmbeddingCache | None = None
+
+    async def prepare(self) -> None:
+        self.stage = await in_executor(self.executor, self.model.load, self.model.family.text_encoder)
+        self.info = self.model.info(self.model.family.text_components)
+        store = None
+        if self.args.redis_url:
+            store = RedisStore(self.args.redis_url, self.args.cache_ttl, self.args.redis_timeout, redis_password())
+        self.cache = EmbeddingCache(store, LruBytes(self.args.cache_bytes))
+
+    async def close(self) -> None:
+        if self.cache is not None and self.cache.store is not None:
+            await self.cache.store.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    @rpc(SERVICE)
+    async def Describe(self, request, context):
+        require_ready(self.cache is not None, "encoder")
+        return self.info
+
+    @rpc(SERVICE)
+    async def Encode(self, request: encoder_pb2.EncodeRequest, context) -> encoder_pb2.EncodeResponse:
+        require_ready(self.cache is not None, "encoder")
+        defaults = self.model.family.defaults
+        if not 1 <= request.max_sequence_length <= defaults.max_sequence_length_limit:
+            limit = defaults.max_sequence_length_limit
+            raise InvalidArgument("max_sequence_length", f"must be between 1 and {limit}")
+        if not defaults.min_images <= len(request.images) <= defaults.max_images:
+            raise InvalidArgument(
+                "images", f"{self.model.family.name} takes {defaults.min_images}-{defaults.max_images}"
+            )
+        key = EmbeddingKey(
+            model_id=self.info.model_id,
+            revision=self.info.revision,
+            template_version=self.info.template_version,
+            dtype=self.info.dtype,
+            device_type=self.model.device_type,
+            prompt=request.prompt,
+            max_sequence_length=request.max_sequence_length,
+            image_digests=image_digests(request.images),
+        )
+
+        async def compute() -> bytes:
+            return await in_executor(self.executor, self._encode, request)
+
+        embeddings, hit = await self.cache.get_or_compute(str(key), request.inline, compute)
+        return encoder_pb2.EncodeResponse(embeddings=embeddings, cache_hit=hit)
+
+    def _encode(self, request: encoder_pb2.EncodeRequest) -> bytes:
+        images = [decode_image(data, f"images[{i}]") for i, data in enumerate(request.images)]
+        start = time.monotonic()
+        metrics.TEXT_ENCODER_CALLS.inc()
+        embeds = self.stage.encode(request.prompt, images, request.max_sequence_length)
+        metrics.STAGE_SECONDS.labels("encode").observe(time.monotonic() - start)
+        return pack(embeds, TENSOR_NAME)
+
+
+def make_service(args: argparse.Namespace) -> Service:
+    servicer = EncoderServicer(args, HostedModel.from_args(args))  # a bad folder fails before the port opens
+    return Service(
+        name=SERVICE,
+        register=lambda server: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(servicer, server),
+        prepare=servicer.prepare,
+        close=servicer.close,
+    )

@@ -1,0 +1,99 @@
+"""Each service's flags (docs/services.md), kept apart from the servicers so `imagegen --help` imports no torch."""
+
+from __future__ import annotations
+
+import argparse
+
+from common.serving.config import (
+    add_cache_flags,
+    add_common_flags,
+    add_flag,
+    add_model_flags,
+    add_switch,
+    positive_int,
+)
+
+# service -> (default gRPC port, default metrics port)
+PORTS = {"gateway": (50051, 9100), "encoder": (50052, 9101), "denoiser": (50053, 9102), "vae": (50054, 9103)}
+HELP = {
+    "gateway": "public ImageService: validates, authenticates and routes requests through the stages",
+    "encoder": "EncoderService: prompts (and edit images) -> embeddings, cached in Redis or an LRU",
+    "denoiser": "DenoiserService: the denoise stage behind a bounded queue",
+    "vae": "VaeService: edit images -> condition latents, latents -> images",
+    "all": "all four services in one process (the stages on 127.0.0.1)",
+}
+
+
+def gateway_flags(parser: argparse.ArgumentParser) -> None:
+    for stage, port in (("encoder", 50052), ("denoiser", 50053), ("vae", 50054)):
+        add_flag(
+            parser, f"--{stage}", f"IMAGEGEN_{stage.upper()}_ADDR", f"127.0.0.1:{port}", f"{stage} of the default model"
+        )
+    add_flag(
+        parser, "--routes", "IMAGEGEN_ROUTES", None, 'JSON {"MODEL_ID": {"encoder": "h:p", ...}} for several models'
+    )
+    add_flag(parser, "--default-model", "IMAGEGEN_DEFAULT_MODEL", None, "model for requests naming none")
+    add_flag(parser, "--api-keys-file", "IMAGEGEN_API_KEYS_FILE", None, "one key per line; unset: no auth")
+    limits = (
+        ("--max-side", "IMAGEGEN_MAX_SIDE", 4096, "largest width or height"),
+        ("--max-steps", "IMAGEGEN_MAX_STEPS", 200, "most denoising steps"),
+        ("--max-images", "IMAGEGEN_MAX_IMAGES", 8, "most input images, and most output images, per request"),
+        ("--max-prompt-chars", "IMAGEGEN_MAX_PROMPT_CHARS", 8192, "longest prompt or negative prompt"),
+        ("--max-input-bytes", "IMAGEGEN_MAX_INPUT_BYTES", 32 << 20, "largest input image file"),
+        ("--max-input-pixels", "IMAGEGEN_MAX_INPUT_PIXELS", 64 << 20, "most pixels of a decoded input image"),
+    )
+    for flag, env, default, help in limits:
+        add_flag(parser, flag, env, default, help, type=positive_int)
+
+
+def encoder_flags(parser: argparse.ArgumentParser) -> None:
+    add_model_flags(parser)
+    add_cache_flags(parser)
+
+
+def denoiser_flags(parser: argparse.ArgumentParser) -> None:
+    add_model_flags(parser)
+    add_cache_flags(parser)  # the denoiser reads embeddings by key from the same Redis
+    add_flag(parser, "--sp", "IMAGEGEN_SP", 1, "sequence-parallel degree P", type=positive_int)
+    add_switch(parser, "--cfg-parallel", "IMAGEGEN_CFG_PARALLEL", "run the two CFG branches on separate processes")
+    add_flag(
+        parser,
+        "--collective-timeout",
+        "IMAGEGEN_COLLECTIVE_TIMEOUT",
+        300.0,
+        "seconds before a stuck rank fails the denoiser group",
+        type=float,
+    )
+    add_flag(
+        parser,
+        "--queue-size",
+        "IMAGEGEN_QUEUE_SIZE",
+        16,
+        "jobs that may wait; more answer RESOURCE_EXHAUSTED",
+        type=positive_int,
+    )
+
+
+def vae_flags(parser: argparse.ArgumentParser) -> None:
+    add_model_flags(parser)
+
+
+def all_flags(parser: argparse.ArgumentParser) -> None:
+    gateway_flags(parser)  # --encoder/--denoiser/--vae: where the stages listen
+    denoiser_flags(parser)  # model, cache and queue flags: a superset of the encoder's and the VAE's
+
+
+FLAGS = {
+    "gateway": gateway_flags,
+    "encoder": encoder_flags,
+    "denoiser": denoiser_flags,
+    "vae": vae_flags,
+    "all": all_flags,
+}
+
+
+def add_service_parsers(services: argparse._SubParsersAction) -> None:
+    for name, add in FLAGS.items():
+        parser = services.add_parser(name, help=HELP[name], description=HELP[name])
+        add_common_flags(parser, *PORTS[name if name != "all" else "gateway"])
+        add(parser)

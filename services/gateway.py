@@ -1,0 +1,116 @@
+"""ImageService, the public API: authenticates, validates and runs requests through the stage services."""
+
+from __future__ import annotations
+
+import argparse
+
+import grpc
+
+from common.options import Limits
+from common.serving.auth import ApiKeys
+from common.serving.channels import Deadline, RetryPolicy
+from common.serving.gateway import Gateway, GatewayLimits
+from common.serving.handlers import rpc
+from common.serving.routes import RouteTable, parse_routes
+from common.serving.server import Service
+from common.serving.status import RpcFailure
+from common.serving.tls import TlsConfig
+from imagegen.v1 import image_service_pb2, image_service_pb2_grpc
+
+SERVICE = "imagegen.v1.ImageService"
+
+
+def limits_from_args(args: argparse.Namespace) -> GatewayLimits:
+    options = Limits(
+        max_side=args.max_side,
+        max_steps=args.max_steps,
+        max_images_per_request=args.max_images,
+        max_prompt_chars=args.max_prompt_chars,
+    )
+    return GatewayLimits(options, args.max_input_bytes, args.max_input_pixels)
+
+
+class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
+    def __init__(self, gateway: Gateway, keys: ApiKeys | None) -> None:
+        self.gateway = gateway
+        self.keys = keys
+
+    def _authenticate(self, context) -> None:
+        if self.keys is not None:
+            self.keys.check(context.invocation_metadata())
+
+    async def _events(self, request, context, images, progress: bool = True):
+        self._authenticate(context)
+        job = await self.gateway.validate(request, images)
+        async for event in self.gateway.run(job, Deadline(context.time_remaining()), progress):
+            yield event
+
+    async def _unary(self, request, context, images) -> image_service_pb2.ImageResponse:
+        async for event in self._events(request, context, images, progress=False):
+            if isinstance(event, image_service_pb2.ImageResponse):
+                return event
+        raise RpcFailure(grpc.StatusCode.INTERNAL, "the request ended without a response")
+
+    async def _stream(self, request, context, images):
+        async for event in self._events(request, context, images):
+            if isinstance(event, image_service_pb2.ImageResponse):
+                yield image_service_pb2.ImageEvent(result=event)
+            else:
+                yield image_service_pb2.ImageEvent(progress=event)
+
+    @rpc(SERVICE)
+    async def GenerateImage(self, request, context):
+        return await self._unary(request, context, ())
+
+    @rpc(SERVICE)
+    async def EditImage(self, request, context):
+        return await self._unary(request, context, request.images)
+
+    @rpc(SERVICE)
+    async def GenerateImageStream(self, request, context):
+        async for event in self._stream(request, context, ()):
+            yield event
+
+    @rpc(SERVICE)
+    async def EditImageStream(self, request, context):
+        async for event in self._stream(request, context, request.images):
+            yield event
+
+    @rpc(SERVICE)
+    async def ListModels(self, request, context):
+        self._authenticate(context)
+        models = []
+        for route in self.gateway.routes.routes:
+            if route.family is None:
+                continue  # not reachable yet
+            defaults = route.family.defaults
+            models.append(
+                image_service_pb2.ModelSummary(
+                    model_id=route.name,
+                    family=route.family.name,
+                    takes_images=route.family.takes_images,
+                    default_steps=defaults.steps,
+                    default_guidance_scale=defaults.guidance_scale,
+                )
+            )
+        return image_service_pb2.ListModelsResponse(models=models, default_model=self.gateway.routes.default_name())
+
+
+def make_service(args: argparse.Namespace, tls: TlsConfig) -> Service:
+    if args.routes:
+        table = parse_routes(args.routes)
+    else:
+        table = {args.default_model: {"encoder": args.encoder, "denoiser": args.denoiser, "vae": args.vae}}
+    keys = ApiKeys(args.api_keys_file) if args.api_keys_file else None
+    limits = limits_from_args(args)
+    routes = RouteTable(table, args.default_model, tls, RetryPolicy())
+    servicer = ImageServicer(Gateway(routes, limits), keys)
+    return Service(
+        name=SERVICE,
+        register=lambda server: image_service_pb2_grpc.add_ImageServiceServicer_to_server(servicer, server),
+        prepare=routes.discover,
+        close=routes.close,
+        internal=False,
+        # Room for the largest allowed request: every input image at the byte limit, plus the options.
+        max_receive_bytes=min(args.max_images * args.max_input_bytes + (1 << 20), 2**31 - 1),
+    )

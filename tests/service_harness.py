@@ -1,0 +1,157 @@
+"""Starting and stopping real service processes (and a private redis-server) for the service tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCH_THREADS = 1  # services and the in-test diffusers reference must agree for bit-exact float32 results
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def service_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["IMAGEGEN_TORCH_THREADS"] = str(TORCH_THREADS)
+    env.update(extra)
+    return env
+
+
+class Process:
+    """A child process with its output in a log file; stopped with SIGTERM (then SIGKILL) by `stop`."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._env = env or service_env()
+        self._launch(argv)
+
+    def _launch(self, argv: list[str]) -> None:
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=self._env)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def terminate(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+
+def stop_all(processes: list[Process]) -> None:
+    """SIGTERM everything first, then wait: the processes drain and exit in parallel."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.stop()
+
+
+class Service(Process):
+    """`python -m imagegen.cli serve KIND ...` on free gRPC and metrics ports."""
+
+    def __init__(self, name: str, kind: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None):
+        self.kind, self.args = kind, args
+        super().__init__(name, self._argv(), log_dir, env)
+
+    def _argv(self) -> list[str]:
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "imagegen.cli", "serve", self.kind, "--host", "127.0.0.1"]
+        argv += ["--port", str(self.port), "--metrics-port", str(self.metrics_port), "--grace-period", "10"]
+        return argv + self.args
+
+    def health(
+        self, service: str = "", credentials: grpc.ChannelCredentials | None = None, address: str | None = None
+    ) -> int | None:
+        """The health status on the gRPC port (or `address`); None when nothing answers."""
+        address = address or self.address
+        channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+        with channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=2
+                )
+            except grpc.RpcError:
+                return None
+            return reply.status
+
+    def wait_serving(self, timeout: float = 120, credentials: grpc.ChannelCredentials | None = None) -> None:
+        """Wait for SERVING; relaunch on fresh ports when another process took a port between pick and bind."""
+        deadline = time.monotonic() + timeout
+        relaunches = 3
+        while time.monotonic() < deadline:
+            if not self.alive():
+                if "cannot listen" in self.log() and relaunches:
+                    relaunches -= 1
+                    self._log.close()
+                    self._launch(self._argv())
+                    continue
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            if self.health(credentials=credentials) == health_pb2.HealthCheckResponse.SERVING:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.name} not SERVING after {timeout}s:\n{self.log()[-3000:]}")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Current value of one sample from /metrics (0 when absent)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
+
+
+class RedisServer(Process):
+    def __init__(self, log_dir: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        super().__init__(f"redis-{self.port}", argv, log_dir, env=dict(os.environ))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"redis-server on {self.port} did not answer PING:\n{self.log()}")

@@ -1,0 +1,122 @@
+"""The denoiser service hosting a process group: rank 0 serves gRPC, the other ranks follow it.
+
+Two denoisers of one tiny Qwen-Image checkpoint sit behind one gateway: one spawns its sequence-parallel
+group itself (`serve denoiser --sp 2`), the other is started by torchrun as the Helm chart does
+(`torchrun --nproc-per-node=2 ... serve denoiser --cfg-parallel`). Both must give the one-process image, and a
+cancelled stream must stop the whole group at a step boundary with the next request still exact.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from service_harness import TORCH_THREADS, Service, free_port, stop_all
+
+from common.denoise import StepHooks
+from common.options import RequestOptions
+from common.pipeline import Pipeline
+from common.tiny import tiny_checkpoint_cached
+from imagegen.sdk import ImageClient
+from imagegen.v1 import common_pb2, image_service_pb2, image_service_pb2_grpc
+
+MODEL = "qwen-image"
+REQUEST = dict(negative_prompt="blurry", guidance_scale=4.0, steps=3, width=128, height=128)
+TOLERANCE = 1e-6  # against our own one-process run (the parallel parity bound)
+
+
+class TorchrunService(Service):
+    """`torchrun --nproc-per-node=N -m imagegen.cli serve ...`: every rank runs the command, rank 0 serves."""
+
+    def __init__(self, name: str, nproc: int, args: list[str], log_dir) -> None:
+        self.nproc = nproc
+        super().__init__(name, "denoiser", args, log_dir)
+
+    def _argv(self) -> list[str]:
+        argv = super()._argv()
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={self.nproc}"]
+        torchrun += [f"--master-port={free_port()}", "-m"]
+        return [*torchrun, *argv[argv.index("-m") + 1 :]]
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("group-logs")
+    model = ["--model", str(tiny_checkpoint_cached(MODEL)), "--model-id", MODEL]
+    services = {
+        "encoder": Service("encoder", "encoder", model, logs),
+        "vae": Service("vae", "vae", model, logs),
+        "sp2": Service("denoiser-sp2", "denoiser", [*model, "--sp", "2"], logs),
+        "cfg2": TorchrunService("denoiser-cfg2", 2, [*model, "--cfg-parallel"], logs),
+    }
+    try:
+        for service in services.values():
+            service.wait_serving(timeout=180)
+        routes = {
+            name: {
+                "encoder": services["encoder"].address,
+                "vae": services["vae"].address,
+                "denoiser": services[name].address,
+            }
+            for name in ("sp2", "cfg2")
+        }
+        gw = Service("gateway", "gateway", ["--routes", json.dumps(routes), "--default-model", "sp2"], logs)
+        services["gateway"] = gw
+        gw.wait_serving()
+        yield gw, services
+    finally:
+        stop_all(list(services.values()))
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(TORCH_THREADS)
+    pipeline = Pipeline(tiny_checkpoint_cached(MODEL))
+
+    def run(prompt: str, seed: int, **overrides) -> np.ndarray:
+        options = RequestOptions(prompt, seed=seed, **{**REQUEST, **overrides})
+        return pipeline(options, (), StepHooks())
+
+    yield run
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("route", ["sp2", "cfg2"])
+def test_group_denoiser_equals_one_process(gateway, one_process, route: str) -> None:
+    gw, _ = gateway
+    with ImageClient(gw.address, timeout=180) as client:
+        result = client.generate("a harbour at dusk", model=route, seed=7, output_format="npy", **REQUEST)
+    expected = one_process("a harbour at dusk", 7)
+    assert result.array.shape == expected.shape
+    assert float(np.abs(result.array - expected).max()) <= TOLERANCE
+
+
+def test_cancel_stops_the_group_and_the_next_request_is_exact(gateway, one_process) -> None:
+    gw, services = gateway
+    denoiser = services["sp2"]
+    cancelled_before = denoiser.metric("imagegen_denoise_jobs_total", outcome="cancelled")
+    long_job = image_service_pb2.GenerateImageRequest(
+        model="sp2", prompt="long", seed=1, width=256, height=256, steps=200, output_format=common_pb2.OUTPUT_FORMAT_NPY
+    )
+    with grpc.insecure_channel(gw.address) as channel:
+        call = image_service_pb2_grpc.ImageServiceStub(channel).GenerateImageStream(long_job, timeout=180)
+        for event in call:
+            if (
+                event.HasField("progress")
+                and event.progress.stage == common_pb2.STAGE_DENOISING
+                and event.progress.step >= 2
+            ):
+                break
+        call.cancel()
+    deadline = time.monotonic() + 60
+    while denoiser.metric("imagegen_denoise_jobs_total", outcome="cancelled") <= cancelled_before:
+        assert time.monotonic() < deadline, "the group did not stop"
+        time.sleep(0.1)
+    test_group_denoiser_equals_one_process(gateway, one_process, "sp2")
+    assert denoiser.alive()

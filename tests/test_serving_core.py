@@ -1,0 +1,382 @@
+"""The serving core without model processes: wire format, cache keys and stores, the job queue, retries,
+statuses, auth and flags."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from service_harness import RedisServer, free_port
+
+from common.cache import EmbeddingKey, LruBytes, RedisStore
+from common.denoise import StepHooks
+from common.errors import Cancelled, InvalidArgument
+from common.outputs import decode_output, encode_array, to_uint8
+from common.serving import metrics
+from common.serving.auth import ApiKeys
+from common.serving.channels import CHANNEL_OPTIONS, Deadline, RetryPolicy, call_with_retries
+from common.serving.config import ConfigError, add_common_flags
+from common.serving.embeddings import EmbeddingCache, load_embeddings
+from common.serving.handlers import QueueFull, rpc
+from common.serving.jobs import JobQueue
+from common.serving.routes import parse_routes
+from common.serving.status import EMBEDDINGS_MISSING, QUEUE_FULL, RpcFailure, parse_error
+from common.serving.tls import TlsConfig
+from common.wire import pack, unpack
+from imagegen.v1 import encoder_pb2, encoder_pb2_grpc
+
+
+# ------------------------------------------------------------------------------------------------ wire, outputs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wire_round_trip_is_bit_exact(dtype):
+    tensor = torch.randn(5, 7, generator=torch.Generator().manual_seed(0)).to(dtype)
+    back = unpack(pack(tensor, "embeds"), "embeds", "prompt_embeds")
+    assert back.dtype == dtype and torch.equal(back, tensor)
+
+
+@pytest.mark.parametrize(("blob", "name"), [(b"", "x"), (b"\x00" * 20, "x"), (pack(torch.ones(2), "other"), "x")])
+def test_wire_rejects_foreign_blobs_naming_the_field(blob, name):
+    with pytest.raises(InvalidArgument) as caught:
+        unpack(blob, name, "condition.safetensors")
+    assert caught.value.field == "condition.safetensors"
+
+
+def test_npy_output_is_exact_and_png_rounds_like_diffusers():
+    array = np.random.default_rng(0).random((2, 8, 16, 3), dtype=np.float32)
+    npy = [decode_output(blob, "NPY") for blob in encode_array(array, "NPY")]
+    assert np.array_equal(np.stack(npy), array) and npy[0].dtype == np.float32
+    png = np.stack([decode_output(blob, "PNG") for blob in encode_array(array, "PNG")])
+    assert np.array_equal((png * 255).round().astype(np.uint8), to_uint8(array))
+
+
+# --------------------------------------------------------------------------------------------------- cache
+def test_embedding_key_names_every_input():
+    base = dict(
+        model_id="m",
+        revision="r",
+        template_version="t",
+        dtype="float32",
+        device_type="cpu",
+        prompt="p",
+        max_sequence_length=512,
+        image_digests=("a",),
+    )
+    key = str(EmbeddingKey(**base))
+    assert key == str(EmbeddingKey(**base)) and key.startswith("imagegen:emb:v1:")
+    changed = {"max_sequence_length": 511, "image_digests": ("b",), "prompt": "q"}
+    for name in base:
+        other = {**base, name: changed.get(name, base[name] + "x" if isinstance(base[name], str) else base[name])}
+        assert str(EmbeddingKey(**other)) != key, name
+
+
+def test_lru_is_bounded_in_bytes_and_evicts_least_recent():
+    lru = LruBytes(max_bytes=30)
+    lru.put("a", b"1" * 9)  # 10 bytes with the key
+    lru.put("b", b"2" * 9)
+    assert lru.get("a") is not None  # now "b" is the least recent
+    lru.put("c", b"3" * 9)
+    lru.put("d", b"4" * 9)
+    assert (lru.get("b"), lru.size) == (None, 30)
+    assert lru.get("a") and lru.get("c") and lru.get("d")
+    lru.put("big", b"x" * 100)  # larger than the bound: not stored, nothing evicted
+    assert lru.get("big") is None and len(lru) == 3
+
+
+@pytest.fixture
+def redis(tmp_path):
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+def _counting_compute(calls: list, value: bytes = b"tensor-bytes"):
+    async def compute() -> bytes:
+        calls.append(1)
+        await asyncio.sleep(0.05)
+        return value
+
+    return compute
+
+
+def test_redis_cache_hit_skips_compute_and_dead_redis_falls_back_inline(redis):
+    async def scenario():
+        store = RedisStore(redis.url, ttl=60, timeout=0.2, cooldown=0.5)
+        cache = EmbeddingCache(store, LruBytes(1 << 20))
+        calls: list = []
+        first, hit = await cache.get_or_compute("k1", False, _counting_compute(calls))
+        assert (first.key, first.safetensors, hit) == ("k1", b"", False)
+        concurrent = await asyncio.gather(
+            *(cache.get_or_compute("k1", False, _counting_compute(calls)) for _ in range(3))
+        )
+        assert all(hit for _, hit in concurrent) and len(calls) == 1
+        inline, hit = await cache.get_or_compute("k1", True, _counting_compute(calls))
+        assert (inline.safetensors, hit, len(calls)) == (b"tensor-bytes", True, 1)
+
+        redis.kill()
+        fallbacks = metrics.CACHE_INLINE_FALLBACKS.labels("encoder")._value.get()
+        start = time.monotonic()
+        lost, hit = await cache.get_or_compute("k1", False, _counting_compute(calls))
+        assert (lost.safetensors, hit, len(calls)) == (b"tensor-bytes", False, 2)
+        assert metrics.CACHE_INLINE_FALLBACKS.labels("encoder")._value.get() == fallbacks + 1
+        # Cooling down: the next lookups skip Redis instead of waiting for another timeout.
+        await cache.get_or_compute("k2", False, _counting_compute(calls))
+        assert time.monotonic() - start < 1.0
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_single_flight_shares_one_encode_and_lru_mode_is_inline():
+    async def scenario():
+        cache = EmbeddingCache(None, LruBytes(1 << 20))
+        calls: list = []
+        results = await asyncio.gather(*(cache.get_or_compute("k", False, _counting_compute(calls)) for _ in range(4)))
+        assert len(calls) == 1 and all(e.safetensors == b"tensor-bytes" and not e.key for e, _ in results)
+        again, hit = await cache.get_or_compute("k", False, _counting_compute(calls))
+        assert hit and again.safetensors == b"tensor-bytes" and len(calls) == 1
+
+    asyncio.run(scenario())
+
+
+def test_denoiser_side_reports_missing_embeddings(redis):
+    async def scenario():
+        store = RedisStore(redis.url, ttl=60, timeout=0.2)
+        tensor = torch.arange(6.0).view(2, 3)
+        await store.put("present", pack(tensor, "embeds"))
+        fetched = await load_embeddings(encoder_pb2.Embeddings(key="present"), store, "prompt_embeds")
+        assert torch.equal(fetched, tensor)
+        for message, cache in ((encoder_pb2.Embeddings(key="absent"), store), (encoder_pb2.Embeddings(key="x"), None)):
+            with pytest.raises(RpcFailure) as caught:
+                await load_embeddings(message, cache, "prompt_embeds")
+            assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert caught.value.details[0].reason == EMBEDDINGS_MISSING
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------------------------------------ job queue
+def _steps(count: int, step_seconds: float, ran: list):
+    def work(hooks: StepHooks) -> str:
+        for step in range(count):
+            if hooks.should_stop():
+                raise Cancelled(f"before step {step + 1}")
+            time.sleep(step_seconds)
+            ran.append(step)
+            hooks.on_step(step + 1, count)
+        return "done"
+
+    return work
+
+
+async def _collect(ticket, until: str | None = None) -> list:
+    events = []
+    async for event in ticket.events():
+        events.append(event)
+        if event.kind == until:
+            break
+    return events
+
+
+def test_job_queue_positions_capacity_cancel_and_deadline():
+    async def scenario():
+        queue = JobQueue(capacity=1, name="test-jobs")
+        long_ran: list = []
+        running = queue.submit(_steps(1000, 0.01, long_ran))
+        await _collect(running, until="step")
+        waiting = queue.submit(_steps(2, 0.0, []))
+        assert (await _collect(waiting, until="queued"))[-1].position == 1
+        with pytest.raises(QueueFull):
+            queue.submit(_steps(1, 0.0, []))
+        queue.withdraw(waiting)
+        assert isinstance((await _collect(waiting))[-1].error, Cancelled)
+        queue.withdraw(running)
+        seen = len(long_ran)
+        last = (await _collect(running))[-1]
+        assert isinstance(last.error, Cancelled) and len(long_ran) <= seen + 1
+
+        # A deadline stops a job the same way, and a failing job does not stop the worker.
+        deadline_ran: list = []
+        timed = queue.submit(_steps(1000, 0.01, deadline_ran), timeout=0.1)
+        assert isinstance((await _collect(timed))[-1].error, Cancelled) and len(deadline_ran) < 30
+
+        def broken(hooks: StepHooks) -> None:
+            raise ValueError("boom")
+
+        assert isinstance((await _collect(queue.submit(broken)))[-1].error, ValueError)
+        done = await _collect(queue.submit(_steps(2, 0.0, [])))
+        assert [e.kind for e in done] == ["started", "step", "step", "done"] and done[-1].result == "done"
+        queue.close()
+
+    asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------------------------- rpc plumbing
+class _Failing(encoder_pb2_grpc.EncoderServiceServicer):
+    """Raises what the prompt names, through the same wrapper every service uses."""
+
+    @rpc("test.Failing")
+    async def Encode(self, request, context):
+        errors = {
+            "invalid": InvalidArgument("max_sequence_length", "too long"),
+            "full": QueueFull("queue is full"),
+            "cancelled": Cancelled("stopped"),
+            "bug": ValueError("secret internals"),
+        }
+        if request.prompt in errors:
+            raise errors[request.prompt]
+        return encoder_pb2.EncodeResponse(cache_hit=True)
+
+
+async def _serve(servicer, port: int) -> grpc.aio.Server:
+    server = grpc.aio.server()
+    encoder_pb2_grpc.add_EncoderServiceServicer_to_server(servicer, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server
+
+
+def test_handler_maps_exceptions_to_statuses_and_keeps_serving():
+    async def scenario():
+        port = free_port()
+        server = await _serve(_Failing(), port)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = encoder_pb2_grpc.EncoderServiceStub(channel)
+            outcomes = {}
+            for prompt in ("invalid", "full", "cancelled", "bug"):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.Encode(encoder_pb2.EncodeRequest(prompt=prompt, request_id=f"id-{prompt}"))
+                outcomes[prompt] = parse_error(caught.value)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Encode(encoder_pb2.EncodeRequest(prompt="ok", request_id="has spaces"))
+            bad_id = parse_error(caught.value)
+            assert (await stub.Encode(encoder_pb2.EncodeRequest(prompt="ok"))).cache_hit
+        await server.stop(0)
+        return outcomes, bad_id
+
+    outcomes, bad_id = asyncio.run(scenario())
+    invalid = outcomes["invalid"]
+    assert invalid.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert invalid.field_violations == [("max_sequence_length", "too long")]
+    assert (outcomes["full"].code, outcomes["full"].reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, QUEUE_FULL)
+    assert outcomes["full"].retry_delay == 1.0
+    assert outcomes["cancelled"].code == grpc.StatusCode.CANCELLED
+    assert outcomes["bug"].code == grpc.StatusCode.INTERNAL
+    assert "secret" not in outcomes["bug"].message and "id-bug" in outcomes["bug"].message
+    assert bad_id.field_violations[0][0] == "request_id"
+
+
+def test_unary_calls_retry_on_unavailable_until_the_backend_comes_up():
+    async def scenario():
+        port = free_port()
+        before = metrics.BACKEND_RETRIES.labels("late")._value.get()
+        started: list = []
+
+        async def start_late():
+            await asyncio.sleep(0.3)
+            started.append(await _serve(_Failing(), port))
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
+            stub = encoder_pb2_grpc.EncoderServiceStub(channel)
+            starter = asyncio.create_task(start_late())
+            policy = RetryPolicy(attempts=20, initial_backoff=0.05, max_backoff=0.1)
+            reply = await call_with_retries(stub.Encode, encoder_pb2.EncodeRequest(), "late", Deadline(10), policy)
+            assert reply.cache_hit
+            retries = metrics.BACKEND_RETRIES.labels("late")._value.get() - before
+            # Other errors are final at once.
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call_with_retries(
+                    stub.Encode, encoder_pb2.EncodeRequest(prompt="invalid"), "late", Deadline(10), policy
+                )
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert metrics.BACKEND_RETRIES.labels("late")._value.get() - before == retries
+            await starter
+        await started[0].stop(0)
+        return retries
+
+    assert asyncio.run(scenario()) >= 1
+
+
+# ------------------------------------------------------------------------------------------- auth and config
+def test_api_keys_check_bearer_and_follow_file_changes(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("# comment\nalpha\n\nbeta\n")
+    keys = ApiKeys(path)
+    keys.check([("authorization", "Bearer beta")])
+    for metadata in ([], [("authorization", "Bearer gamma")], [("authorization", "Basic alpha")]):
+        with pytest.raises(RpcFailure) as caught:
+            keys.check(metadata)
+        assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+    path.write_text("gamma\n")
+    keys.check([("authorization", "Bearer gamma")])
+    with pytest.raises(RpcFailure):
+        keys.check([("authorization", "Bearer alpha")])
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError):
+        ApiKeys(tmp_path / "empty")
+
+
+def test_flags_read_the_environment_and_flags_win(monkeypatch):
+    monkeypatch.setenv("IMAGEGEN_PORT", "6000")
+    monkeypatch.setenv("IMAGEGEN_GRACE_PERIOD", "5")
+    parser = argparse.ArgumentParser()
+    add_common_flags(parser, port=50052, metrics_port=9101)
+    from_env = parser.parse_args([])
+    assert (from_env.port, from_env.grace_period, from_env.metrics_port, from_env.host) == (6000, 5.0, 9101, "0.0.0.0")
+    assert parser.parse_args(["--port", "7000"]).port == 7000
+    monkeypatch.setenv("IMAGEGEN_PORT", "not-a-port")
+    parser = argparse.ArgumentParser()
+    add_common_flags(parser, port=50052, metrics_port=9101)
+    with pytest.raises(SystemExit):
+        parser.parse_args([])
+
+
+def test_bad_tls_and_routes_configuration_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="go together"):
+        TlsConfig.from_args(str(tmp_path / "cert.pem"), None, None)
+    with pytest.raises(ConfigError, match="cannot read"):
+        TlsConfig.from_args(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"), None)
+    with pytest.raises(ConfigError, match="needs --tls-cert"):
+        TlsConfig(ca=b"pem").server_credentials(internal=True)
+    for text in ("not json", "[]", '{"m": {"encoder": "a"}}', '{"m": {"encoder": "", "denoiser": "b", "vae": "c"}}'):
+        with pytest.raises(ConfigError):
+            parse_routes(text)
+    assert parse_routes('{"m": {"encoder": "a:1", "denoiser": "b:2", "vae": "c:3"}}')["m"]["vae"] == "c:3"
+
+
+def test_deadline_raises_deadline_exceeded_once_past():
+    assert Deadline(None).remaining() is None
+    deadline = Deadline(0.05)
+    assert 0 < deadline.remaining() <= 0.05
+    threading.Event().wait(0.06)
+    with pytest.raises(RpcFailure) as caught:
+        deadline.remaining()
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_denoiser_group_with_a_degree_that_does_not_divide_the_heads_fails_at_start_up():
+    from common.parallel.group import GroupError
+    from common.serving.hosting import HostedModel
+    from common.tiny import tiny_checkpoint_cached
+    from services.denoiser import make_engine
+
+    args = argparse.Namespace(
+        model=str(tiny_checkpoint_cached("z-image")),
+        model_id=None,
+        device="cpu",
+        dtype=None,
+        sp=3,
+        cfg_parallel=False,
+        collective_timeout=30.0,
+        torch_threads=1,
+    )
+    with pytest.raises(
+        GroupError, match="--sp 3 does not divide the model's 4 attention heads; valid degrees: 1, 2, 4"
+    ):
+        make_engine(args, HostedModel.from_args(args))
