@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load, save
 
+from common.checkpoint import ModelFolder
 from common.errors import Cancelled
 from common.options import ResolvedOptions
 from common.schedule import Schedule, euler_step
@@ -92,3 +93,26 @@ def run_denoise_loop(
         if hooks.on_step is not None:
             hooks.on_step(step + 1, total)
     return latents
+
+
+class DenoiseStage:
+    """Base of the families' denoise stages: their DiT forward over a loaded transformer, plus its scheduler
+    config. Subclasses name `dit_class` and implement `run(job, hooks, sharding) -> latents`."""
+
+    dit_class: type
+
+    def __init__(self, folder: ModelFolder, dtype: torch.dtype, device: torch.device | str) -> None:
+        self._setup(folder.load("transformer", dtype, device), folder.scheduler_config())
+
+    @classmethod
+    def from_transformer(cls, transformer: torch.nn.Module, scheduler_config: dict) -> DenoiseStage:
+        """A stage over an already-built transformer (benchmarks build full-size ones with random weights)."""
+        stage = cls.__new__(cls)
+        stage._setup(transformer, scheduler_config)
+        return stage
+
+    def _setup(self, transformer: torch.nn.Module, scheduler_config: dict) -> None:
+        self.dit = self.dit_class(transformer)
+        self.scheduler_config = dict(scheduler_config)
+        self.device = transformer.device
+        self.dtype = transformer.dtype

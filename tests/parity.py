@@ -49,6 +49,71 @@ class Case:
         return dataclasses.replace(self, options=dataclasses.replace(self.options, **changes))
 
 
+PROMPT = "a red fox jumping over a frozen river at dawn"
+
+# The scenarios of the issue's acceptance list; the parallel tests rerun them at larger sizes.
+CASES = {
+    case.name: case
+    for case in [
+        Case(
+            "qwen-image-cfg",
+            "qwen-image",
+            RequestOptions(PROMPT, negative_prompt="blurry", guidance_scale=4.0, steps=3, width=64, height=64, seed=11),
+        ),
+        Case(
+            "qwen-image-no-negative",
+            "qwen-image",
+            RequestOptions(PROMPT, steps=3, width=64, height=64, seed=12, num_images=2),
+        ),
+        Case(
+            "qwen-image-non-square",
+            "qwen-image",
+            RequestOptions(PROMPT, negative_prompt=" ", guidance_scale=4.0, steps=3, width=48, height=80, seed=13),
+        ),
+        Case(
+            "qwen-image-edit-cfg",
+            "qwen-image-edit",
+            RequestOptions("make the sky purple", negative_prompt="blurry", steps=2, width=64, height=48, seed=14),
+            image_sizes=((56, 40),),
+        ),
+        Case(
+            "qwen-image-edit-plus-two-images",
+            "qwen-image-edit-plus",
+            RequestOptions("put the cat on the sofa", negative_prompt=" ", steps=2, width=48, height=64, seed=15),
+            image_sizes=((56, 40), (40, 72)),
+        ),
+        Case(
+            "qwen-image-edit-2511-zero-cond-t",
+            "qwen-image-edit-plus",
+            RequestOptions("put the cat on the sofa", negative_prompt=" ", steps=2, width=64, height=48, seed=16),
+            variant="2511",
+            image_sizes=((56, 40), (40, 72)),
+        ),
+        Case(
+            "z-image-cfg-norm-truncation",
+            "z-image",
+            RequestOptions(
+                "a cat",
+                negative_prompt=LONG_NEGATIVE,
+                guidance_scale=5.0,
+                cfg_normalization=1.0,
+                cfg_truncation=0.1,
+                steps=4,
+                width=64,
+                height=48,
+                seed=17,
+            ),
+        ),
+        Case(
+            "z-image-turbo",
+            "z-image",
+            RequestOptions(PROMPT, guidance_scale=0.0, steps=4, width=80, height=48, seed=18),
+            variant="turbo",
+        ),
+    ]
+}
+
+
 @dataclass
 class Run:
     """Final images `[K, H, W, 3]` and the DiT outputs by (step, branch), each `[K, ...]`."""

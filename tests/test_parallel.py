@@ -22,73 +22,30 @@ from common.attention import sdpa
 from common.checkpoint import open_model_folder
 from common.denoise import DenoiseJob
 from common.families import get_family
-from common.options import RequestOptions
 from common.parallel import ulysses
 from common.parallel.group import GroupError, ParallelGroup
 from common.parallel.launch import free_port, local_group
 from common.parallel.runner import GroupDenoiser, follow_leader
 from common.pipeline import Pipeline
 from common.tiny import tiny_checkpoint_cached
-from tests.parity import LONG_NEGATIVE, THREADS, Case, Run, max_diff, run_job, run_ours
+from tests.parity import CASES as PARITY_CASES
+from tests.parity import THREADS, Case, Run, max_diff, run_job, run_ours
 
-PROMPT = "a red fox jumping over a frozen river at dawn"
 IMAGE_TOLERANCE = 1e-6
 MIN_COSINE = 0.999999
 MODES = {"sp2": (2, False), "sp4": (4, False), "cfg2": (1, True), "sp2-cfg2": (2, True)}
-
-CASES = [
-    Case(
-        "qwen-image-cfg",
-        "qwen-image",
-        RequestOptions(PROMPT, negative_prompt="blurry", guidance_scale=4.0, steps=3, width=128, height=128, seed=21),
-    ),
-    Case("qwen-image-no-negative", "qwen-image", RequestOptions(PROMPT, steps=3, width=128, height=128, seed=22)),
-    Case(
-        "qwen-image-odd-tokens",
-        "qwen-image",
-        RequestOptions(PROMPT, negative_prompt=" ", guidance_scale=4.0, steps=3, width=112, height=144, seed=23),
-    ),
-    Case(
-        "qwen-image-edit-cfg",
-        "qwen-image-edit",
-        RequestOptions("make the sky purple", negative_prompt="blurry", steps=2, width=128, height=128, seed=24),
-        image_sizes=((56, 40),),
-    ),
-    Case(
-        "qwen-image-edit-plus-two-images",
-        "qwen-image-edit-plus",
-        RequestOptions("put the cat on the sofa", negative_prompt=" ", steps=2, width=112, height=144, seed=25),
-        image_sizes=((56, 40), (40, 72)),
-    ),
-    Case(
-        "qwen-image-edit-2511",
-        "qwen-image-edit-plus",
-        RequestOptions("put the cat on the sofa", negative_prompt=" ", steps=2, width=112, height=144, seed=26),
-        variant="2511",
-        image_sizes=((56, 40), (40, 72)),
-    ),
-    Case(
-        "z-image-cfg-different-caption-lengths",
-        "z-image",
-        RequestOptions(
-            "a cat",
-            negative_prompt=LONG_NEGATIVE,
-            guidance_scale=5.0,
-            cfg_normalization=1.0,
-            cfg_truncation=0.1,
-            steps=4,
-            width=112,
-            height=144,
-            seed=27,
-        ),
-    ),
-    Case(
-        "z-image-turbo",
-        "z-image",
-        RequestOptions(PROMPT, guidance_scale=0.0, steps=4, width=144, height=112, seed=28),
-        variant="turbo",
-    ),
-]
+# The parity scenarios at sizes where every rank of P = 4 holds >= 16 rows; 112x144 is 63 Qwen tokens.
+SIZES = {
+    "qwen-image-cfg": (128, 128),
+    "qwen-image-no-negative": (128, 128),
+    "qwen-image-non-square": (112, 144),
+    "qwen-image-edit-cfg": (128, 128),
+    "qwen-image-edit-plus-two-images": (112, 144),
+    "qwen-image-edit-2511-zero-cond-t": (112, 144),
+    "z-image-cfg-norm-truncation": (112, 144),
+    "z-image-turbo": (144, 112),
+}
+CASES = [case.with_options(width=SIZES[name][0], height=SIZES[name][1]) for name, case in PARITY_CASES.items()]
 CHECKPOINTS = sorted({(c.family, c.variant) for c in CASES}, key=str)
 
 
@@ -184,7 +141,7 @@ def _broken_rank(rank: int, world: int, port: int, case: Case, out: str) -> None
 
 
 def test_caption_through_all_to_all_breaks_parity(tmp_path) -> None:
-    case = next(c for c in CASES if c.name == "z-image-cfg-different-caption-lengths")
+    case = next(c for c in CASES if c.name == "z-image-cfg-norm-truncation")
     tiny_checkpoint_cached(case.family, case.variant)  # build before the ranks start
     out = str(tmp_path / "broken.safetensors")
     port = free_port()

@@ -11,74 +11,10 @@ import pytest
 import torch
 
 from common.families import qwen_image, z_image
-from common.options import RequestOptions
 from common.pipeline import Pipeline
 from common.rope import Rotary
 from common.tiny import tiny_checkpoint_cached
-from tests.parity import LONG_NEGATIVE, THREADS, TOLERANCE, Case, assert_parity, compare_runs, run_diffusers, run_ours
-
-PROMPT = "a red fox jumping over a frozen river at dawn"
-
-CASES = {
-    case.name: case
-    for case in [
-        Case(
-            "qwen-image-cfg",
-            "qwen-image",
-            RequestOptions(PROMPT, negative_prompt="blurry", guidance_scale=4.0, steps=3, width=64, height=64, seed=11),
-        ),
-        Case(
-            "qwen-image-no-negative",
-            "qwen-image",
-            RequestOptions(PROMPT, steps=3, width=64, height=64, seed=12, num_images=2),
-        ),
-        Case(
-            "qwen-image-non-square",
-            "qwen-image",
-            RequestOptions(PROMPT, negative_prompt=" ", guidance_scale=4.0, steps=3, width=48, height=80, seed=13),
-        ),
-        Case(
-            "qwen-image-edit-cfg",
-            "qwen-image-edit",
-            RequestOptions("make the sky purple", negative_prompt="blurry", steps=2, width=64, height=48, seed=14),
-            image_sizes=((56, 40),),
-        ),
-        Case(
-            "qwen-image-edit-plus-two-images",
-            "qwen-image-edit-plus",
-            RequestOptions("put the cat on the sofa", negative_prompt=" ", steps=2, width=48, height=64, seed=15),
-            image_sizes=((56, 40), (40, 72)),
-        ),
-        Case(
-            "qwen-image-edit-2511-zero-cond-t",
-            "qwen-image-edit-plus",
-            RequestOptions("put the cat on the sofa", negative_prompt=" ", steps=2, width=64, height=48, seed=16),
-            variant="2511",
-            image_sizes=((56, 40), (40, 72)),
-        ),
-        Case(
-            "z-image-cfg-norm-truncation",
-            "z-image",
-            RequestOptions(
-                "a cat",
-                negative_prompt=LONG_NEGATIVE,
-                guidance_scale=5.0,
-                cfg_normalization=1.0,
-                cfg_truncation=0.1,
-                steps=4,
-                width=64,
-                height=48,
-                seed=17,
-            ),
-        ),
-        Case(
-            "z-image-turbo",
-            "z-image",
-            RequestOptions(PROMPT, guidance_scale=0.0, steps=4, width=80, height=48, seed=18),
-            variant="turbo",
-        ),
-    ]
-}
+from tests.parity import CASES, THREADS, TOLERANCE, Case, assert_parity, compare_runs, run_diffusers, run_ours
 
 
 @pytest.fixture(scope="module", autouse=True)

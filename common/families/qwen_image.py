@@ -28,7 +28,7 @@ from diffusers.image_processor import VaeImageProcessor
 from common.attention import AttentionLayout, Heads
 from common.cfg import qwen_true_cfg
 from common.checkpoint import ModelFolder
-from common.denoise import DenoiseJob, StepHooks, run_denoise_loop
+from common.denoise import DenoiseJob, DenoiseStage, StepHooks, run_denoise_loop
 from common.graphs import maybe_graphed
 from common.latents import initial_noise, patchify, unpatchify
 from common.options import FamilyDefaults
@@ -350,7 +350,7 @@ def schedule_for(scheduler_config: dict, steps: int, width: int, height: int) ->
     return make_schedule(scheduler_config, np.linspace(1.0, 1 / steps, steps), (rows // 2) * (cols // 2))
 
 
-class QwenDenoiser:
+class QwenDenoiser(DenoiseStage):
     """The denoise stage: initial noise -> final packed latents, with true CFG when the job has a negative.
 
     Under sequence parallelism (`sharding`) each rank holds a contiguous block of the noisy tokens and of each
@@ -358,22 +358,7 @@ class QwenDenoiser:
     are gathered once at the end. With CFG-parallel ranks each computes one branch and they swap outputs.
     """
 
-    def __init__(self, folder: ModelFolder, dtype: torch.dtype, device: torch.device | str) -> None:
-        self._setup(folder.load("transformer", dtype, device), folder.scheduler_config())
-
-    @classmethod
-    def from_transformer(cls, transformer: torch.nn.Module, scheduler_config: dict):
-        """A denoiser over an already-built transformer (benchmarks build full-size ones with random weights)."""
-        denoiser = cls.__new__(cls)
-        denoiser._setup(transformer, scheduler_config)
-        return denoiser
-
-    def _setup(self, transformer: torch.nn.Module, scheduler_config: dict) -> None:
-        self.dit = QwenDiT(transformer)
-        self.scheduler_config = dict(scheduler_config)
-        self.device = transformer.device
-        self.dtype = transformer.dtype
-        self.num_heads = transformer.config.num_attention_heads
+    dit_class = QwenDiT
 
     @torch.no_grad()
     def run(self, job: DenoiseJob, hooks: StepHooks | None = None, sharding: Sharding = LOCAL) -> torch.Tensor:

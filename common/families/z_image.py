@@ -27,7 +27,7 @@ from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF, Rope
 from common.attention import AttentionBackend, AttentionLayout, Heads
 from common.cfg import z_image_cfg
 from common.checkpoint import ModelFolder
-from common.denoise import DenoiseJob, StepHooks, run_denoise_loop
+from common.denoise import DenoiseJob, DenoiseStage, StepHooks, run_denoise_loop
 from common.graphs import maybe_graphed
 from common.latents import initial_noise, patchify, unpatchify
 from common.options import FamilyDefaults
@@ -285,7 +285,7 @@ def guidance_per_step(schedule: Schedule, scale: float, truncation: float) -> li
     return [0.0 if t_norm > truncation else scale for t_norm in t_norms]
 
 
-class ZImageDenoiser:
+class ZImageDenoiser(DenoiseStage):
     """The denoise stage: float32 noise -> float32 final latents `[K, 16, h, w]`.
 
     Latents are held as 2x2 patch tokens for the whole loop (the Euler step is elementwise, so the layout is
@@ -293,22 +293,7 @@ class ZImageDenoiser:
     across ranks.
     """
 
-    def __init__(self, folder: ModelFolder, dtype: torch.dtype, device: torch.device | str) -> None:
-        self._setup(folder.load("transformer", dtype, device), folder.scheduler_config())
-
-    @classmethod
-    def from_transformer(cls, transformer: torch.nn.Module, scheduler_config: dict):
-        """A denoiser over an already-built transformer (benchmarks build full-size ones with random weights)."""
-        denoiser = cls.__new__(cls)
-        denoiser._setup(transformer, scheduler_config)
-        return denoiser
-
-    def _setup(self, transformer: torch.nn.Module, scheduler_config: dict) -> None:
-        self.dit = ZImageDiT(transformer)
-        self.scheduler_config = dict(scheduler_config)
-        self.device = transformer.device
-        self.dtype = transformer.dtype
-        self.num_heads = transformer.config.n_heads
+    dit_class = ZImageDiT
 
     @torch.no_grad()
     def run(self, job: DenoiseJob, hooks: StepHooks | None = None, sharding: Sharding = LOCAL) -> torch.Tensor:
