@@ -14,6 +14,8 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from common.checkpoint import open_model_folder, parse_device, parse_dtype
 from common.families import get_family
 from common.parallel.group import DEFAULT_TIMEOUT_S, GroupError, ParallelGroup, check_sp_degree
@@ -93,6 +95,8 @@ def local_group(
     parse_dtype(dtype)
     device = parse_device(device)
     world = sp * (2 if cfg_parallel else 1)
+    if device.type == "cuda" and torch.cuda.device_count() < world:
+        raise GroupError(f"a group of {world} processes needs {world} GPUs; {torch.cuda.device_count()} visible")
     saved = {name: os.environ.get(name) for name in _RENDEZVOUS_VARS}
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
     command = [sys.executable, "-m", "common.parallel.worker", "--model", str(model), "--dtype", dtype]
