@@ -111,4 +111,3 @@ class AttentionLayout:
     sharded_rotary: Rotary | None
     replicated_rotary: Rotary | None
     num_replicated: int = 0
-    replicated_first: bool = False

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from common.errors import InvalidArgument
 
@@ -82,9 +82,6 @@ class ResolvedOptions:
     @property
     def uses_cfg(self) -> bool:
         return self.negative_prompt is not None
-
-    def with_size(self, width: int, height: int) -> ResolvedOptions:
-        return replace(self, width=width, height=height)
 
 
 def _check_number(name: str, value: float, low: float, high: float) -> None:

@@ -27,19 +27,12 @@ class Rotary:
     def __len__(self) -> int:
         return self.freqs.shape[-2]
 
-    def slice(self, start: int, end: int) -> Rotary:
-        return Rotary(self.freqs[..., start:end, :])
-
     def index(self, idx: torch.Tensor) -> Rotary:
         """Rows picked by `idx` along the sequence dim (used to shard a table with the tokens' own index map)."""
         return Rotary(self.freqs.index_select(-2, idx.to(self.freqs.device)))
 
     def to(self, device: torch.device | str) -> Rotary:
         return Rotary(self.freqs.to(device))
-
-    @staticmethod
-    def cat(parts: list[Rotary]) -> Rotary:
-        return Rotary(torch.cat([p.freqs for p in parts], dim=-2))
 
 
 def apply_rotary(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
