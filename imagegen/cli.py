@@ -177,7 +177,7 @@ def _run_local(args: argparse.Namespace, options, images):
         raise InvalidArgument("sp", f"must be at least 1, got {args.sp}")
     model = args.model or str(_demo_checkpoint(args))
     from common.parallel.launch import (
-        follow_as_torchrun_rank,
+        follow_as_rank,
         group_denoiser,
         is_torchrun_follower,
         launched_by_torchrun,
@@ -185,7 +185,7 @@ def _run_local(args: argparse.Namespace, options, images):
 
     group_args = (model, args.sp, args.cfg_parallel, args.dtype, args.device, args.collective_timeout)
     if is_torchrun_follower():  # under torchrun, rank 0 runs the pipeline and writes the output
-        follow_as_torchrun_rank(*group_args)
+        follow_as_rank(*group_args)
         return None
     if args.sp > 1 or args.cfg_parallel or launched_by_torchrun():
         with group_denoiser(*group_args) as group:

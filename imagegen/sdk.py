@@ -34,6 +34,7 @@ import PIL.Image
 
 from common.errors import ImagegenError
 from common.outputs import decode_output, to_pil_images
+from common.serving.convert import OPTION_FIELDS
 from common.serving.status import ErrorDetails, parse_error
 from imagegen.v1 import common_pb2, image_service_pb2, image_service_pb2_grpc
 
@@ -44,18 +45,7 @@ _STAGES = {
     common_pb2.STAGE_DENOISING: "denoising",
     common_pb2.STAGE_DECODING: "decoding",
 }
-_OPTIONAL_FIELDS = (
-    "negative_prompt",
-    "width",
-    "height",
-    "steps",
-    "guidance_scale",
-    "cfg_normalization",
-    "cfg_truncation",
-    "max_sequence_length",
-    "seed",
-    "num_images",
-)
+_OPTIONAL_FIELDS = (*OPTION_FIELDS, "num_images")
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", -1),
     ("grpc.max_send_message_length", -1),
@@ -239,10 +229,12 @@ class _Core:
         )
 
     @staticmethod
-    def credentials(tls: bool, root_certificates: bytes | None) -> grpc.ChannelCredentials | None:
+    def channel(grpc_module, target: str, tls: bool, root_certificates: bytes | None):
+        """A channel from `grpc` (sync) or `grpc.aio`: both spell channel creation the same way."""
         if not tls and root_certificates is None:
-            return None
-        return grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            return grpc_module.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+        return grpc_module.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
 
 
 ProgressCallback = Callable[[Progress], Any]
@@ -264,11 +256,7 @@ class ImageClient:
         retry: RetryPolicy = RetryPolicy(),
     ) -> None:
         self._core = _Core(target, api_key, model, timeout, retry)
-        credentials = _Core.credentials(tls, root_certificates)
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+        self._channel = _Core.channel(grpc, target, tls, root_certificates)
         self._stub = image_service_pb2_grpc.ImageServiceStub(self._channel)
 
     def generate(
@@ -360,11 +348,7 @@ class AsyncImageClient:
         retry: RetryPolicy = RetryPolicy(),
     ) -> None:
         self._core = _Core(target, api_key, model, timeout, retry)
-        credentials = _Core.credentials(tls, root_certificates)
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+        self._channel = _Core.channel(grpc.aio, target, tls, root_certificates)
         self._stub = image_service_pb2_grpc.ImageServiceStub(self._channel)
 
     async def generate(

@@ -22,7 +22,7 @@ from common.cache import RedisStore
 from common.denoise import DenoiseJob, StepHooks
 from common.errors import InvalidArgument
 from common.parallel.group import GroupError
-from common.parallel.launch import follow_as_torchrun_rank, group_denoiser, launched_by_torchrun
+from common.parallel.launch import follow_as_rank, group_denoiser, launched_by_torchrun
 from common.serving.config import redis_password
 from common.serving.convert import grids_from_proto, resolved_from_proto
 from common.serving.embeddings import load_embeddings
@@ -77,7 +77,7 @@ def follow(args: argparse.Namespace) -> int:
     """A torchrun rank other than 0: load the transformer and run every job rank 0 broadcasts."""
     model = HostedModel.from_args(args)
     dtype = str(model.dtype).removeprefix("torch.")
-    follow_as_torchrun_rank(args.model, args.sp, args.cfg_parallel, dtype, model.device, args.collective_timeout)
+    follow_as_rank(args.model, args.sp, args.cfg_parallel, dtype, model.device, args.collective_timeout)
     return 0
 
 

@@ -24,7 +24,7 @@ from functools import cached_property
 import torch
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF, RopeEmbedder
 
-from common.attention import AttentionBackend, AttentionLayout, Heads
+from common.attention import LOCAL_ATTENTION, AttentionBackend, AttentionLayout, Heads
 from common.cfg import z_image_cfg
 from common.checkpoint import ModelFolder
 from common.denoise import DenoiseJob, DenoiseStage, StepHooks, run_denoise_loop
@@ -190,9 +190,9 @@ class ImageSlots:
 
 @dataclass(frozen=True)
 class ZImageBranch:
-    """One CFG branch's fixed inputs: its caption features and the RoPE rows that depend on their length."""
+    """One CFG branch's fixed inputs: its refined caption and the RoPE rows that depend on its length."""
 
-    caption: torch.Tensor  # [L, Dc]
+    caption_tokens: torch.Tensor  # [1, Lp, dim], identical on every rank
     caption_rotary: Rotary  # [Lp] rows
     image_rotary: Rotary  # this rank's image rows
 
@@ -214,16 +214,21 @@ class ZImageDiT:
         """Image RoPE ids depend on this branch's padded caption length (its frame coordinate is Lp + 1)."""
         padded = padded_length(caption.shape[0])
         device = caption.device
-        image_rotary = self.rope(image_ids(rows, cols, padded)).index(slots.plan.local_index)
-        return ZImageBranch(caption, self.rope(caption_ids(padded)).to(device), image_rotary.to(device))
+        caption_rotary = self.rope(caption_ids(padded)).to(device)
+        image_rotary = self.rope(image_ids(rows, cols, padded)).index(slots.plan.local_index).to(device)
+        return ZImageBranch(self.embed_caption(caption, caption_rotary), caption_rotary, image_rotary)
 
-    def embed_caption(self, branch: ZImageBranch, backend: AttentionBackend) -> torch.Tensor:
-        """Caption features `[L, Dc]` -> refined caption tokens `[1, Lp, dim]` (replicated on every rank)."""
+    def embed_caption(self, caption: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+        """Caption features `[L, Dc]` -> refined caption tokens `[1, Lp, dim]`.
+
+        The context refiner has no timestep modulation, so this is computed once per request and branch, not
+        every step; its attention covers the caption alone, which every rank holds whole (no communication).
+        """
         tr = self.transformer
-        tokens = tr.cap_embedder(branch.caption)
-        pad = tr.cap_pad_token.to(tokens.dtype).expand(len(branch.caption_rotary) - tokens.shape[0], -1)
+        tokens = tr.cap_embedder(caption)
+        pad = tr.cap_pad_token.to(tokens.dtype).expand(len(rotary) - tokens.shape[0], -1)
         tokens = torch.cat([tokens, pad])[None]
-        layout = AttentionLayout(backend, None, branch.caption_rotary, num_replicated=tokens.shape[1])
+        layout = AttentionLayout(LOCAL_ATTENTION, None, rotary, num_replicated=tokens.shape[1])
         for layer in tr.context_refiner:
             tokens = layer(tokens, None, layout)
         return tokens
@@ -241,7 +246,7 @@ class ZImageDiT:
         tr = self.transformer
         batch = tokens.shape[0]
         adaln = tr.t_embedder(timestep * tr.t_scale).type_as(tokens)
-        caption = self.embed_caption(branch, backend).expand(batch, -1, -1)
+        caption = branch.caption_tokens.expand(batch, -1, -1)
 
         fill = slots.plan.local_len - tokens.shape[1]
         rows = torch.cat([tokens, tokens.new_zeros(batch, fill, tokens.shape[2])], dim=1)

@@ -116,9 +116,8 @@ def local_group(
     graceful = False
     try:
         try:
-            group = ParallelGroup.from_environment(sp, cfg_parallel, device, timeout_s)
-            folder = open_model_folder(model)
-            runner = GroupDenoiser(group, get_family(folder.family).denoiser(folder, parse_dtype(dtype), group.device))
+            group, denoiser = join_group(model, sp, cfg_parallel, dtype, device.type, timeout_s)
+            runner = GroupDenoiser(group, denoiser)
             yield runner
             runner.close()
             graceful = True
@@ -135,20 +134,20 @@ def local_group(
                 os.environ[name] = value
 
 
-def join_torchrun_group(
+def join_group(
     model: str | Path, sp: int, cfg_parallel: bool, dtype: str, device: str, timeout_s: float
 ) -> tuple[ParallelGroup, object]:
-    """Join the group torchrun started (every rank calls this) and load this rank's denoise stage."""
+    """Join the group the rendezvous variables describe (every rank calls this, whoever started it) and load
+    this rank's denoise stage."""
     check_sp_degree(sp, transformer_heads(model))
     group = ParallelGroup.from_environment(sp, cfg_parallel, parse_device(device), timeout_s)
     folder = open_model_folder(model)
     return group, get_family(folder.family).denoiser(folder, parse_dtype(dtype), group.device)
 
 
-def follow_as_torchrun_rank(
-    model: str | Path, sp: int, cfg_parallel: bool, dtype: str, device: str, timeout_s: float
-) -> None:
-    group, denoiser = join_torchrun_group(model, sp, cfg_parallel, dtype, device, timeout_s)
+def follow_as_rank(model: str | Path, sp: int, cfg_parallel: bool, dtype: str, device: str, timeout_s: float) -> None:
+    """A rank other than 0: join the group and run every job rank 0 broadcasts until it says stop."""
+    group, denoiser = join_group(model, sp, cfg_parallel, dtype, device, timeout_s)
     try:
         follow_leader(group, denoiser)
     finally:
@@ -170,7 +169,7 @@ def group_denoiser(
         with local_group(model, sp, cfg_parallel, dtype, device, timeout_s, threads) as runner:
             yield runner
         return
-    group, denoiser = join_torchrun_group(model, sp, cfg_parallel, dtype, device, timeout_s)
+    group, denoiser = join_group(model, sp, cfg_parallel, dtype, device, timeout_s)
     try:
         runner = GroupDenoiser(group, denoiser)
         yield runner

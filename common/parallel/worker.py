@@ -7,10 +7,7 @@ import sys
 
 import torch
 
-from common.checkpoint import open_model_folder, parse_device, parse_dtype
-from common.families import get_family
-from common.parallel.group import ParallelGroup
-from common.parallel.runner import follow_leader
+from common.parallel.launch import follow_as_rank
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,13 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    folder = open_model_folder(args.model)
-    group = ParallelGroup.from_environment(args.sp, args.cfg_parallel, parse_device(args.device), args.timeout)
-    denoiser = get_family(folder.family).denoiser(folder, parse_dtype(args.dtype), group.device)
-    try:
-        follow_leader(group, denoiser)
-    finally:
-        group.close()
+    follow_as_rank(args.model, args.sp, args.cfg_parallel, args.dtype, args.device, args.timeout)
     return 0
 
 
