@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,11 @@ class ModelFolder:
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ModelLoadError(f"{folder}: cannot load {class_name}: {exc}") from exc
 
+    def with_modules(self, modules: dict[str, Any]) -> ModelFolder:
+        """This folder, except that `load(name)` returns `modules[name]` where given: stages built on it share
+        those objects (benchmarks hand the same full-size random-weight modules to diffusers and to us)."""
+        return _PrebuiltFolder(self.path, self.family, self.index, dict(modules))
+
     def revision(self, components: tuple[str, ...]) -> str:
         """A short digest naming these components' contents (configs verbatim, weight files by name and size).
 
@@ -130,6 +135,16 @@ class ModelFolder:
                 else:
                     digest.update(str(file.stat().st_size).encode())
         return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _PrebuiltFolder(ModelFolder):
+    prebuilt: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def load(self, name: str, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu") -> Any:
+        if name in self.prebuilt:
+            return self.prebuilt[name]
+        return super().load(name, dtype, device)
 
 
 def quiet_hub_progress() -> None:

@@ -17,6 +17,8 @@ from safetensors.torch import load, save
 
 from common.checkpoint import ModelFolder
 from common.errors import Cancelled
+from common.graphs import GraphCache
+from common.kernels import CompileMarker, resolve_compile, resolve_kernels, should_compile
 from common.options import ResolvedOptions
 from common.schedule import Schedule, euler_step
 from common.sharding import LOCAL, Sharding
@@ -97,22 +99,54 @@ def run_denoise_loop(
 
 class DenoiseStage:
     """Base of the families' denoise stages: their DiT forward over a loaded transformer, plus its scheduler
-    config. Subclasses name `dit_class` and implement `run(job, hooks, sharding) -> latents`."""
+    config. Subclasses name `dit_class` (the reference forward) and `fast_class` (the fast-path forward over the
+    same modules, `common.kernels`) and implement `run(job, hooks, sharding) -> latents`."""
 
     dit_class: type
+    fast_class: type
 
-    def __init__(self, folder: ModelFolder, dtype: torch.dtype, device: torch.device | str) -> None:
-        self._setup(folder.load("transformer", dtype, device), folder.scheduler_config())
+    def __init__(
+        self,
+        folder: ModelFolder,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        kernels: str | None = None,
+        compile: str | None = None,
+    ) -> None:
+        self._setup(folder.load("transformer", dtype, device), folder.scheduler_config(), kernels, compile)
 
     @classmethod
-    def from_transformer(cls, transformer: torch.nn.Module, scheduler_config: dict) -> DenoiseStage:
+    def from_transformer(
+        cls,
+        transformer: torch.nn.Module,
+        scheduler_config: dict,
+        kernels: str | None = None,
+        compile: str | None = None,
+    ) -> DenoiseStage:
         """A stage over an already-built transformer (benchmarks build full-size ones with random weights)."""
         stage = cls.__new__(cls)
-        stage._setup(transformer, scheduler_config)
+        stage._setup(transformer, scheduler_config, kernels, compile)
         return stage
 
-    def _setup(self, transformer: torch.nn.Module, scheduler_config: dict) -> None:
+    def _setup(self, transformer: torch.nn.Module, scheduler_config: dict, kernels: str | None, compile) -> None:
         self.dit = self.dit_class(transformer)
         self.scheduler_config = dict(scheduler_config)
         self.device = transformer.device
         self.dtype = transformer.dtype
+        self.kernels = resolve_kernels(kernels, self.device)
+        self.compile_mode = resolve_compile(compile)
+        self.fast = self.fast_class(transformer) if self.kernels == "fast" else None
+        self.graphs = GraphCache()
+        self._marker = CompileMarker(transformer)
+
+    def uses_fast_path(self, sharding: Sharding) -> bool:
+        """The fast path runs where the whole sequence is on this process (CFG may still be split); a
+        sequence-parallel group keeps the reference kernels around its all-to-all."""
+        return self.fast is not None and sharding.sp_size == 1
+
+    def compile_for(self, forwards: int) -> bool:
+        """Whether this job's forwards run compiled (see `common.kernels.should_compile`)."""
+        return should_compile(self.compile_mode, forwards, self._marker, self.device)
+
+    def compiled_forward_ran(self) -> None:
+        self._marker.write()

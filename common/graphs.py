@@ -11,7 +11,10 @@ inputs. Collectives inside (Ulysses all-to-alls on NCCL) are captured too. On th
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -51,10 +54,71 @@ class GraphedForward:
             warm = self.forward(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.output = self.forward(*self.inputs)
         return warm
 
 
 def maybe_graphed(forward: Forward, device: torch.device) -> Forward:
     return GraphedForward(forward) if graphs_enabled(device) else forward
+
+
+class GraphCache:
+    """Forwards captured as CUDA graphs and kept across requests, keyed by a caller's key plus the shapes and
+    dtypes of the tensor arguments: a second request of the same shape replays, with no warm-up or capture.
+
+    Every call copies its tensors into the entry's static inputs, replays, and returns a clone of the static
+    output, so no caller ever holds memory that a later replay overwrites; that is also what makes it safe for
+    all entries to share one memory pool (only one replays at a time, under the lock). Captures use
+    `thread_local` error mode so the other stages' CUDA work on other threads (`serve all`) cannot invalidate
+    them, and run on a side stream as capture requires. Least recently used entries beyond `capacity` go.
+    """
+
+    def __init__(self, capacity: int = 32) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple, _Captured] = OrderedDict()
+        self._pool = None
+        self._lock = threading.Lock()
+        self.captures = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def run(self, key: tuple, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+        if not tensors[0].is_cuda or not graphs_enabled(tensors[0].device):
+            return fn(*tensors)
+        full_key = (key, tuple((tuple(t.shape), t.dtype) for t in tensors))
+        with self._lock:
+            entry = self._entries.get(full_key)
+            if entry is None:
+                return self._capture(full_key, fn, tensors)
+            self._entries.move_to_end(full_key)
+            for static, value in zip(entry.inputs, tensors, strict=True):
+                static.copy_(value)
+            entry.graph.replay()
+            return entry.output.clone()
+
+    def _capture(self, key: tuple, fn: Callable[..., torch.Tensor], tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        inputs = tuple(t.clone() for t in tensors)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (compiles, autotunes, picks kernels) off the capture stream
+            warm = fn(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            output = fn(*inputs)
+        self._entries[key] = _Captured(graph, inputs, output)
+        self.captures += 1
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+        return warm
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    inputs: tuple[torch.Tensor, ...]
+    output: torch.Tensor

@@ -6,6 +6,7 @@ Each stage object is the same one a service hosts; this class only wires them in
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from common.checkpoint import open_model_folder, parse_device, parse_dtype
+from common.checkpoint import ModelFolder, open_model_folder, parse_device, parse_dtype
 from common.denoise import DenoiseJob, StepHooks
 from common.families import Family, get_family
 from common.images import to_float_array
@@ -29,33 +30,44 @@ def resolve_for(family: Family, options: RequestOptions, images: Sequence[PIL.Im
 class Pipeline:
     def __init__(
         self,
-        model_dir: str | Path,
+        model_dir: str | Path | ModelFolder,
         dtype: str | torch.dtype = "float32",
         device: str | torch.device = "cpu",
         denoiser=None,
+        kernels: str | None = None,
+        compile: str | None = None,
     ) -> None:
-        """`denoiser` replaces the one-process denoise stage (e.g. rank 0's handle on a parallel group)."""
-        self.folder = open_model_folder(model_dir)
+        """`denoiser` replaces the one-process denoise stage (e.g. rank 0's handle on a parallel group);
+        `kernels` and `compile` pick the denoiser's kernel path (`common.kernels`; default by device)."""
+        self.folder = model_dir if isinstance(model_dir, ModelFolder) else open_model_folder(model_dir)
         self.family = get_family(self.folder.family)
         dtype, device = parse_dtype(dtype), parse_device(device)
         self.text_encoder = self.family.text_encoder(self.folder, dtype, device)
         self.vae = self.family.vae(self.folder, dtype, device)
-        self.denoiser = denoiser or self.family.denoiser(self.folder, dtype, device)
+        self.denoiser = denoiser or self.family.denoiser(self.folder, dtype, device, kernels=kernels, compile=compile)
 
     def resolve(self, options: RequestOptions, images: Sequence[PIL.Image.Image] = ()) -> ResolvedOptions:
         return resolve_for(self.family, options, images)
 
     def job(self, resolved: ResolvedOptions, images: Sequence[PIL.Image.Image] = ()) -> DenoiseJob:
+        return self.job_condition(self.job_text(resolved, images), images)
+
+    def job_text(self, resolved: ResolvedOptions, images: Sequence[PIL.Image.Image] = ()) -> DenoiseJob:
+        """The encode stage: prompt (and negative) embeddings, with the edit images as vision tokens."""
         images = list(images)
         encode = self.text_encoder.encode
         prompt_embeds = encode(resolved.prompt, images, resolved.max_sequence_length)
         negative = None
         if resolved.uses_cfg:
             negative = encode(resolved.negative_prompt, images, resolved.max_sequence_length)
-        condition, shapes = (None, [])
-        if images:
-            condition, shapes = self.vae.encode_condition(images)
-        return DenoiseJob(resolved, prompt_embeds, negative, condition, shapes)
+        return DenoiseJob(resolved, prompt_embeds, negative)
+
+    def job_condition(self, job: DenoiseJob, images: Sequence[PIL.Image.Image] = ()) -> DenoiseJob:
+        """The VAE-encode stage of edits: the input images as packed condition latents."""
+        if not images:
+            return job
+        condition, shapes = self.vae.encode_condition(list(images))
+        return dataclasses.replace(job, condition_latents=condition, condition_shapes=shapes)
 
     def __call__(
         self,

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 import torch
+import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
 
 from common.attention import AttentionLayout, Heads
@@ -30,6 +31,15 @@ from common.cfg import qwen_true_cfg
 from common.checkpoint import ModelFolder
 from common.denoise import DenoiseJob, DenoiseStage, StepHooks, run_denoise_loop
 from common.graphs import maybe_graphed
+from common.kernels import (
+    compiled,
+    fuse_linears,
+    mark_dynamic,
+    pad_rows,
+    prefix_attention,
+    rotary_tables,
+    rotate_pairs,
+)
 from common.latents import initial_noise, patchify, unpatchify
 from common.options import FamilyDefaults
 from common.rope import Rotary
@@ -332,6 +342,134 @@ class QwenDiT:
         return tr.proj_out(tr.norm_out(hidden, temb))
 
 
+# --------------------------------------------------------------------------------------------- fast DiT forward
+def _modulate(x: torch.Tensor, params: torch.Tensor, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block's `_modulate` for `params` `[T, 3D]` shared by every batch row: T = 1, or 2 with Edit-2511's
+    `zero_cond_t` (row 1 is the t = 0 modulation of the condition-image tokens, selected by `index`)."""
+    shift, scale, gate = params.chunk(3, dim=-1)
+    if index is None:
+        shift, scale, gate = shift[:, None], scale[:, None], gate[:, None]
+    else:
+        noisy = index[None, :, None] == 0
+        shift, scale, gate = (torch.where(noisy, p[0:1, None], p[1:2, None]) for p in (shift, scale, gate))
+    return x * (1 + scale) + shift, gate
+
+
+def _qkv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
+    return F.linear(x, weight, bias).unflatten(-1, (3, heads, -1)).unbind(2)
+
+
+def _block_pre(block, hidden, text, temb, text_temb, index, img_cos, img_sin, txt_cos, txt_sin):
+    """Modulation, norms, fused QKV, QK norm and RoPE of both streams; the joint `[image, text]` q, k, v."""
+    attn = block.attn
+    img_mod1, img_mod2 = block.img_mod(temb).chunk(2, dim=-1)
+    txt_mod1, txt_mod2 = block.txt_mod(text_temb).chunk(2, dim=-1)
+    img_x, img_gate1 = _modulate(block.img_norm1(hidden), img_mod1, index)
+    txt_x, txt_gate1 = _modulate(block.txt_norm1(text), txt_mod1, None)
+    iq, ik, iv = _qkv(img_x, attn.img_qkv_weight, attn.img_qkv_bias, attn.heads)
+    tq, tk, tv = _qkv(txt_x, attn.txt_qkv_weight, attn.txt_qkv_bias, attn.heads)
+    iq, ik = rotate_pairs(attn.norm_q(iq), img_cos, img_sin), rotate_pairs(attn.norm_k(ik), img_cos, img_sin)
+    tq, tk = (
+        rotate_pairs(attn.norm_added_q(tq), txt_cos, txt_sin),
+        rotate_pairs(attn.norm_added_k(tk), txt_cos, txt_sin),
+    )
+    q, k, v = (torch.cat(pair, dim=1) for pair in ((iq, tq), (ik, tk), (iv, tv)))
+    return q, k, v, img_gate1, txt_gate1, img_mod2, txt_mod2
+
+
+def _block_post(block, hidden, text, joint, img_gate1, txt_gate1, img_mod2, txt_mod2, index):
+    """Output projections, gated residuals, norm2 + modulation and the MLPs of both streams."""
+    attn = block.attn
+    split = hidden.shape[1]
+    hidden = hidden + img_gate1 * attn.to_out[0](joint[:, :split].flatten(2, 3))
+    text = text + txt_gate1 * attn.to_add_out(joint[:, split:].flatten(2, 3))
+    img_x, img_gate2 = _modulate(block.img_norm2(hidden), img_mod2, index)
+    hidden = hidden + img_gate2 * block.img_mlp(img_x)
+    txt_x, txt_gate2 = _modulate(block.txt_norm2(text), txt_mod2, None)
+    text = text + txt_gate2 * block.txt_mlp(txt_x)
+    return hidden, text
+
+
+@dataclass(frozen=True)
+class QwenFastInputs:
+    """One request's fixed DiT inputs on the fast path (graph inputs; the text is padded to its longest row)."""
+
+    text: torch.Tensor  # [B, L, D] prompt embeddings, rows of shorter prompts zero-padded
+    condition: torch.Tensor  # [B, S - S0, 64] edit-image tokens (S - S0 may be 0)
+    img_cos: torch.Tensor  # [S, head_dim / 2] float32
+    img_sin: torch.Tensor
+    txt_cos: torch.Tensor  # [L, head_dim / 2]
+    txt_sin: torch.Tensor
+    modulate_index: torch.Tensor  # [S] int: 1 on condition-image tokens (Edit-2511's zero_cond_t), else unused
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.text, self.condition, self.img_cos, self.img_sin, self.txt_cos, self.txt_sin, self.modulate_index)
+
+
+class QwenFastDiT:
+    """The fast-path forward (`common.kernels`) over the same modules and weights as `QwenDiT`: per block a
+    compiled `_block_pre` (text length dynamic), attention over each row's real tokens with the measured
+    kernel, and a compiled `_block_post`; the QKV projections of each stream fused into one matmul."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.transformer = transformer
+        self.zero_cond_t = bool(transformer.config.get("zero_cond_t", False))
+        for block in transformer.transformer_blocks:
+            attn = block.attn
+            fuse_linears(attn, "img_qkv", [attn.to_q, attn.to_k, attn.to_v])
+            fuse_linears(attn, "txt_qkv", [attn.add_q_proj, attn.add_k_proj, attn.add_v_proj])
+        self._compiled = None
+
+    def stages(self, compile: bool):
+        if not compile:
+            return _block_pre, _block_post
+        if self._compiled is None:
+            self._compiled = (compiled(_block_pre), compiled(_block_post))
+        return self._compiled
+
+    def __call__(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        inputs: QwenFastInputs,
+        text_lengths: tuple[int, ...],
+        compile: bool,
+    ) -> torch.Tensor:
+        """`latents` `[B, S0, 64]` noisy tokens (the batch is branch-major: CFG rows after positive rows),
+        `timestep` `[1]` already divided by 1000 -> prediction `[B, S0, 64]`."""
+        tr = self.transformer
+        pre, post = self.stages(compile)
+        hidden = tr.img_in(torch.cat([latents, inputs.condition], dim=1))
+        timestep = timestep.to(hidden.dtype)
+        index = None
+        if self.zero_cond_t:
+            timestep, index = torch.cat([timestep, timestep * 0]), inputs.modulate_index
+        temb = tr.time_text_embed(timestep, hidden)
+        text_temb = temb[:1]
+        text = tr.txt_in(tr.txt_norm(inputs.text))
+        image_len = hidden.shape[1]
+        valid = tuple(image_len + n for n in text_lengths)
+        mark_dynamic(inputs.txt_cos, 0)
+        mark_dynamic(inputs.txt_sin, 0)
+        for block in tr.transformer_blocks:
+            mark_dynamic(text, 1)
+            q, k, v, *mods = pre(
+                block,
+                hidden,
+                text,
+                temb,
+                text_temb,
+                index,
+                inputs.img_cos,
+                inputs.img_sin,
+                inputs.txt_cos,
+                inputs.txt_sin,
+            )
+            joint = prefix_attention(q, k, v, valid)
+            hidden, text = post(block, hidden, text, joint, *mods, index)
+        return tr.proj_out(tr.norm_out(hidden, text_temb))[:, : latents.shape[1]]
+
+
 # ------------------------------------------------------------------------------------------------------ denoise
 def latent_grid(width: int, height: int) -> tuple[int, int]:
     """Latent (rows, cols) of the noisy image: 2 * (pixels // 16)."""
@@ -359,10 +497,16 @@ class QwenDenoiser(DenoiseStage):
     """
 
     dit_class = QwenDiT
+    fast_class = QwenFastDiT
 
     @torch.no_grad()
     def run(self, job: DenoiseJob, hooks: StepHooks | None = None, sharding: Sharding = LOCAL) -> torch.Tensor:
         hooks = hooks or StepHooks()
+        if self.uses_fast_path(sharding):
+            return self._run_fast(job, hooks, sharding)
+        return self._run_reference(job, hooks, sharding)
+
+    def _run_reference(self, job: DenoiseJob, hooks: StepHooks, sharding: Sharding) -> torch.Tensor:
         opts = job.options
         noise = noise_for(opts.seed, opts.num_images, opts.width, opts.height, self.dtype)
         schedule = schedule_for(self.scheduler_config, opts.steps, opts.width, opts.height).to(self.device)
@@ -377,7 +521,7 @@ class QwenDenoiser(DenoiseStage):
         sequence = (
             noise
             if job.condition_latents is None
-            else torch.cat([noise, job.condition_latents.to(self.dtype).expand(batch, -1, -1)], dim=1)
+            else torch.cat([noise, job.condition_latents.to(noise.device, self.dtype).expand(batch, -1, -1)], dim=1)
         )
         local_input = plan.take_local(sequence).to(self.device)
         start, end = plan.segment_range(0)
@@ -423,3 +567,53 @@ class QwenDenoiser(DenoiseStage):
 
         latents = run_denoise_loop(predict, latents, schedule, hooks, sharding)
         return sharding.gather(latents, latent_lengths)
+
+    def _run_fast(self, job: DenoiseJob, hooks: StepHooks, sharding: Sharding) -> torch.Tensor:
+        """Every local CFG branch in one batched forward (branch-major rows), replayed from `self.graphs`."""
+        opts = job.options
+        device, dtype = self.device, self.dtype
+        noise = noise_for(opts.seed, opts.num_images, opts.width, opts.height, dtype)
+        schedule = schedule_for(self.scheduler_config, opts.steps, opts.width, opts.height).to(device)
+        img_shapes = [token_grid(opts.width, opts.height), *job.condition_shapes]
+        names = ["positive"] if job.negative_embeds is None else ["positive", "negative"]
+        local = sharding.branches(names)
+        embeds = {"positive": job.prompt_embeds, "negative": job.negative_embeds}
+        images, rows = noise.shape[0], len(local) * noise.shape[0]
+        row_embeds = [embeds[name] for name in local for _ in range(images)]
+        lengths = tuple(e.shape[0] for e in row_embeds)
+        longest = max(lengths)
+        image_rotary, text_rotary = qwen_rotary(self.fast.transformer, img_shapes, longest)
+        segment_sizes = torch.tensor([f * h * w for f, h, w in img_shapes])
+        segment_of_row = torch.repeat_interleave(torch.arange(len(img_shapes)), segment_sizes)
+        if job.condition_latents is None:
+            condition = torch.zeros(rows, 0, noise.shape[2], dtype=dtype, device=device)
+        else:
+            condition = job.condition_latents.to(device, dtype).expand(rows, -1, -1)
+        inputs = QwenFastInputs(
+            pad_rows([e.to(device, dtype) for e in row_embeds], longest),
+            condition,
+            *rotary_tables(image_rotary.freqs, device),
+            *rotary_tables(text_rotary.freqs, device),
+            (segment_of_row > 0).int().to(device),
+        )
+        compile = self.compile_for(opts.steps * len(local))
+        key = ("qwen", lengths, compile)
+
+        def forward(latents: torch.Tensor, timestep: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+            return self.fast(latents, timestep, QwenFastInputs(*tensors), lengths, compile)
+
+        def predict(latents: torch.Tensor, step: int) -> torch.Tensor:
+            timestep = schedule.timesteps[step : step + 1].to(dtype) / 1000
+            batched = latents.repeat(len(local), 1, 1)
+            out = self.graphs.run(key, forward, batched, timestep, *inputs.tensors())
+            outputs = sharding.exchange(dict(zip(local, out.chunk(len(local)), strict=True)), names)
+            for name, output in zip(names, outputs, strict=True):
+                hooks.model_output(step, name, output)
+            if len(outputs) == 1:
+                return outputs[0]
+            return qwen_true_cfg(outputs[0], outputs[1], opts.guidance_scale)
+
+        latents = run_denoise_loop(predict, noise.to(device), schedule, hooks, sharding)
+        if compile:
+            self.compiled_forward_ran()
+        return latents

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF, RopeEmbedder
 
 from common.attention import LOCAL_ATTENTION, AttentionBackend, AttentionLayout, Heads
@@ -29,6 +30,16 @@ from common.cfg import z_image_cfg
 from common.checkpoint import ModelFolder
 from common.denoise import DenoiseJob, DenoiseStage, StepHooks, run_denoise_loop
 from common.graphs import maybe_graphed
+from common.kernels import (
+    compiled,
+    fuse_linears,
+    mark_dynamic,
+    pad_rows,
+    prefix_attention,
+    rotary_tables,
+    rotate_pairs,
+    sdpa,
+)
 from common.latents import initial_noise, patchify, unpatchify
 from common.options import FamilyDefaults
 from common.rope import Rotary
@@ -265,6 +276,93 @@ class ZImageDiT:
         return out[:, : tokens.shape[1]]
 
 
+# --------------------------------------------------------------------------------------------- fast DiT forward
+def _layer_pre(layer, x, adaln, cos, sin):
+    """adaLN modulation, norm, fused QKV, QK norm and RoPE of a modulated layer."""
+    attn = layer.attention
+    scale_msa, gate_msa, scale_mlp, gate_mlp = layer.adaLN_modulation(adaln).unsqueeze(1).chunk(4, dim=2)
+    h = layer.attention_norm1(x) * (1.0 + scale_msa)
+    q, k, v = F.linear(h, attn.qkv_weight).unflatten(-1, (3, attn.heads, -1)).unbind(2)
+    q, k = rotate_pairs(attn.norm_q(q), cos, sin), rotate_pairs(attn.norm_k(k), cos, sin)
+    return q, k, v, gate_msa.tanh(), 1.0 + scale_mlp, gate_mlp.tanh()
+
+
+def _layer_post(layer, x, joint, gate_msa, scale_mlp, gate_mlp):
+    """Output projection, norm, gated residual, and the SwiGLU feed-forward with w1 and w3 fused."""
+    x = x + gate_msa * layer.attention_norm2(layer.attention.to_out[0](joint.flatten(2, 3)))
+    ff = layer.feed_forward
+    gate, up = F.linear(layer.ffn_norm1(x) * scale_mlp, ff.w13_weight).chunk(2, dim=-1)
+    return x + gate_mlp * layer.ffn_norm2(ff.w2(F.silu(gate) * up))
+
+
+@dataclass(frozen=True)
+class ZImageFastInputs:
+    """One request's fixed DiT inputs on the fast path (graph inputs), batch rows branch-major."""
+
+    captions: torch.Tensor  # [B, L, dim] refined caption tokens, shorter captions zero-padded to the longest
+    image_cos: torch.Tensor  # [B, n, head_dim / 2] float32: image RoPE (depends on the row's caption length)
+    image_sin: torch.Tensor
+    joint_cos: torch.Tensor  # [B, n + L, head_dim / 2]: image rows, then caption rows
+    joint_sin: torch.Tensor
+    registers: torch.Tensor  # [n, 1] bool: rows that hold the learned register token instead of an input
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.captions, self.image_cos, self.image_sin, self.joint_cos, self.joint_sin, self.registers)
+
+
+class ZImageFastDiT:
+    """The fast-path forward (`common.kernels`) over the same modules and weights as `ZImageDiT`: per layer a
+    compiled `_layer_pre` and `_layer_post` (caption length dynamic), attention over each row's real tokens
+    with the measured kernel; QKV and the feed-forward's w1/w3 each fused into one matmul."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.transformer = transformer
+        for layer in (*transformer.noise_refiner, *transformer.layers):
+            attn, ff = layer.attention, layer.feed_forward
+            fuse_linears(attn, "qkv", [attn.to_q, attn.to_k, attn.to_v])
+            fuse_linears(ff, "w13", [ff.w1, ff.w3])
+        self._compiled = None
+
+    def stages(self, compile: bool):
+        if not compile:
+            return _layer_pre, _layer_post
+        if self._compiled is None:
+            self._compiled = (compiled(_layer_pre), compiled(_layer_post))
+        return self._compiled
+
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        timestep: torch.Tensor,
+        inputs: ZImageFastInputs,
+        caption_lengths: tuple[int, ...],
+        compile: bool,
+    ) -> torch.Tensor:
+        """`tokens` `[B, n_latent, 64]` in the model dtype, `timestep` `[1]` = (1000 - t) / 1000 in float32 ->
+        model output `[B, n_latent, 64]` (not yet negated)."""
+        tr = self.transformer
+        pre, post = self.stages(compile)
+        batch = tokens.shape[0]
+        adaln = tr.t_embedder(timestep * tr.t_scale).type_as(tokens)
+        fill = inputs.registers.shape[0] - tokens.shape[1]
+        rows = torch.cat([tokens, tokens.new_zeros(batch, fill, tokens.shape[2])], dim=1)
+        image = tr.all_x_embedder[PATCH_KEY](rows)
+        image = torch.where(inputs.registers, tr.x_pad_token.to(image.dtype), image)
+        for layer in tr.noise_refiner:
+            q, k, v, *mods = pre(layer, image, adaln, inputs.image_cos, inputs.image_sin)
+            image = post(layer, image, sdpa(q, k, v), *mods)
+        unified = torch.cat([image, inputs.captions], dim=1)
+        valid = tuple(image.shape[1] + n for n in caption_lengths)
+        mark_dynamic(inputs.joint_cos, 1)
+        mark_dynamic(inputs.joint_sin, 1)
+        for layer in tr.layers:
+            mark_dynamic(unified, 1)
+            q, k, v, *mods = pre(layer, unified, adaln, inputs.joint_cos, inputs.joint_sin)
+            unified = post(layer, unified, prefix_attention(q, k, v, valid), *mods)
+        out = tr.all_final_layer[PATCH_KEY](unified, c=adaln)
+        return out[:, : tokens.shape[1]]
+
+
 # ------------------------------------------------------------------------------------------------------ denoise
 def latent_grid(width: int, height: int) -> tuple[int, int]:
     return 2 * (height // PATCH_MULTIPLE), 2 * (width // PATCH_MULTIPLE)
@@ -299,16 +397,23 @@ class ZImageDenoiser(DenoiseStage):
     """
 
     dit_class = ZImageDiT
+    fast_class = ZImageFastDiT
 
     @torch.no_grad()
     def run(self, job: DenoiseJob, hooks: StepHooks | None = None, sharding: Sharding = LOCAL) -> torch.Tensor:
         hooks = hooks or StepHooks()
+        if self.uses_fast_path(sharding):
+            return self._run_fast(job, hooks, sharding)
+        return self._run_reference(job, hooks, sharding)
+
+    def _run_reference(self, job: DenoiseJob, hooks: StepHooks, sharding: Sharding) -> torch.Tensor:
         opts = job.options
         noise = noise_for(opts.seed, opts.num_images, opts.width, opts.height)
         height, width = noise.shape[2:]
         rows, cols = height // 2, width // 2
-        schedule = schedule_for(self.scheduler_config, opts.steps, opts.width, opts.height).to(self.device)
-        scales = guidance_per_step(schedule, opts.guidance_scale, opts.cfg_truncation) if opts.uses_cfg else None
+        cpu_schedule = schedule_for(self.scheduler_config, opts.steps, opts.width, opts.height)
+        scales = guidance_per_step(cpu_schedule, opts.guidance_scale, opts.cfg_truncation) if opts.uses_cfg else None
+        schedule = cpu_schedule.to(self.device)
         batch = noise.shape[0]
         slots = ImageSlots(sharding.plan((padded_length(rows * cols),)), rows * cols, self.device)
         backend = sharding.attention(slots.plan)
@@ -353,3 +458,81 @@ class ZImageDenoiser(DenoiseStage):
 
         latents = run_denoise_loop(predict, latents, schedule, hooks, sharding)
         return full(latents)
+
+    def _run_fast(self, job: DenoiseJob, hooks: StepHooks, sharding: Sharding) -> torch.Tensor:
+        """The local CFG branches of each step in one batched forward, replayed from `self.graphs` (steps that
+        `cfg_truncation` leaves to the positive branch alone run a forward of their own shape)."""
+        opts = job.options
+        device, dtype = self.device, self.dtype
+        noise = noise_for(opts.seed, opts.num_images, opts.width, opts.height)
+        height, width = noise.shape[2:]
+        rows, cols = height // 2, width // 2
+        cpu_schedule = schedule_for(self.scheduler_config, opts.steps, opts.width, opts.height)
+        scales = guidance_per_step(cpu_schedule, opts.guidance_scale, opts.cfg_truncation) if opts.uses_cfg else None
+        schedule = cpu_schedule.to(device)
+        images = noise.shape[0]
+        slots = ImageSlots(sharding.plan((padded_length(rows * cols),)), rows * cols, device)
+        all_names = ["positive", "negative"] if opts.uses_cfg else ["positive"]
+        captions = {"positive": job.prompt_embeds, "negative": job.negative_embeds}
+        branches = {
+            name: self.dit.branch(captions[name].to(device, dtype), rows, cols, slots)
+            for name in {*sharding.branches(all_names), "positive"}
+        }
+        compile = self.compile_for(
+            sum(len(sharding.branches(self._names(all_names, scales, s))) for s in range(opts.steps))
+        )
+        batches: dict[tuple[str, ...], tuple[ZImageFastInputs, tuple[int, ...]]] = {}
+
+        def batch_inputs(local: tuple[str, ...]) -> tuple[ZImageFastInputs, tuple[int, ...]]:
+            if local not in batches:
+                row_branches = [branches[name] for name in local for _ in range(images)]
+                lengths = tuple(b.caption_tokens.shape[1] for b in row_branches)
+                longest = max(lengths)
+                caption_rotary = max((b.caption_rotary for b in row_branches), key=len)  # a prefix of the longest
+                cap_cos, cap_sin = rotary_tables(caption_rotary.freqs, device)
+                image_tables = [rotary_tables(b.image_rotary.freqs, device) for b in row_branches]
+                image_cos = torch.stack([c for c, _ in image_tables])
+                image_sin = torch.stack([s for _, s in image_tables])
+                batch = len(row_branches)
+                inputs = ZImageFastInputs(
+                    pad_rows([b.caption_tokens[0] for b in row_branches], longest),
+                    image_cos,
+                    image_sin,
+                    torch.cat([image_cos, cap_cos.expand(batch, -1, -1)], dim=1),
+                    torch.cat([image_sin, cap_sin.expand(batch, -1, -1)], dim=1),
+                    slots.register_rows,
+                )
+                batches[local] = (inputs, lengths)
+            return batches[local]
+
+        def forward(lengths: tuple[int, ...]):
+            def run(tokens: torch.Tensor, timestep: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+                return self.fast(tokens, timestep, ZImageFastInputs(*tensors), lengths, compile)
+
+            return run
+
+        def predict(latents: torch.Tensor, step: int) -> torch.Tensor:
+            timestep = (1000 - schedule.timesteps[step : step + 1]) / 1000
+            names = self._names(all_names, scales, step)
+            local = tuple(sharding.branches(names))
+            inputs, lengths = batch_inputs(local)
+            batched = latents.to(dtype).repeat(len(local), 1, 1)
+            out = self.graphs.run(("z-image", lengths, compile), forward(lengths), batched, timestep, *inputs.tensors())
+            outputs = sharding.exchange(dict(zip(local, out.chunk(len(local)), strict=True)), names)
+            for name, output in zip(names, outputs, strict=True):
+                hooks.model_output(step, name, unpatchify(output, height, width, channel_last=True))
+            if len(outputs) == 1:
+                return -outputs[0].float()
+            pos, neg = (out.float() for out in outputs)
+            return -z_image_cfg(pos, neg, scales[step], opts.cfg_normalization)
+
+        latents = patchify(noise, channel_last=True).to(device)
+        latents = run_denoise_loop(predict, latents, schedule, hooks, sharding)
+        if compile:
+            self.compiled_forward_ran()
+        return unpatchify(latents, height, width, channel_last=True)
+
+    @staticmethod
+    def _names(all_names: list[str], scales: list[float] | None, step: int) -> list[str]:
+        """The branches step `step` runs: both while CFG applies, the positive one where truncation cut it."""
+        return all_names if scales is not None and scales[step] > 0 else ["positive"]
