@@ -183,7 +183,7 @@ def full_size_modules(family: str, folder) -> dict:
             ),
             3,
         )
-    return {"transformer": transformer, "text_encoder": text_encoder, "vae": vae}
+    return {"transformer": transformer, "text_encoder": text_encoder, "vae": vae, "processors": Processors(transformer)}
 
 
 def widen_vision_processor(pipe_folder) -> None:
@@ -303,7 +303,7 @@ def bench_workload(name: str, work: Workload, modules: dict | None, args) -> dic
     dtype, device = ("float32", "cpu") if smoke else ("bfloat16", "cuda")
     overrides = {}
     if modules is not None:
-        overrides = dict(modules)
+        overrides = {k: v for k, v in modules.items() if k != "processors"}
         if work.family.startswith("qwen-image-edit"):
             overrides["processor"] = widen_vision_processor(folder)
     diffusers_pipe = DiffusionPipeline.from_pretrained(tiny, **overrides)
@@ -314,7 +314,8 @@ def bench_workload(name: str, work: Workload, modules: dict | None, args) -> dic
             "vae": diffusers_pipe.vae,
         }
     diffusers_pipe.set_progress_bar_config(disable=True)
-    processors = Processors(diffusers_pipe.transformer)
+    # diffusers' own processors, captured before any of our stages replaced them on this transformer
+    processors = modules["processors"] if modules is not None else Processors(diffusers_pipe.transformer)
     shared = folder.with_modules(overrides)
     compile = "off" if smoke else "on"
     reference = Pipeline(shared, dtype, device, kernels="reference")

@@ -10,6 +10,7 @@ inputs. Collectives inside (Ulysses all-to-alls on NCCL) are captured too. On th
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+log = logging.getLogger(__name__)
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -79,6 +81,7 @@ class GraphCache:
         self._entries: OrderedDict[tuple, _Captured] = OrderedDict()
         self._pool = None
         self._lock = threading.Lock()
+        self._uncapturable: set[tuple] = set()
         self.captures = 0
 
     def __len__(self) -> int:
@@ -89,6 +92,8 @@ class GraphCache:
             return fn(*tensors)
         full_key = (key, tuple((tuple(t.shape), t.dtype) for t in tensors))
         with self._lock:
+            if full_key in self._uncapturable:
+                return fn(*tensors)
             entry = self._entries.get(full_key)
             if entry is None:
                 return self._capture(full_key, fn, tensors)
@@ -108,8 +113,14 @@ class GraphCache:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            output = fn(*inputs)
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                output = fn(*inputs)
+        except RuntimeError as exc:  # something in `fn` cannot be captured (a host sync): run it eagerly
+            log.warning("CUDA graph capture failed, running this shape eagerly: %s", exc)
+            self._uncapturable.add(key)
+            torch.cuda.synchronize()
+            return warm
         self._entries[key] = _Captured(graph, inputs, output)
         self.captures += 1
         while len(self._entries) > self.capacity:

@@ -213,21 +213,15 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: tuple[int, ...]) -> torch.Tensor:
-    """Attention where batch row b uses only its first `valid[b]` tokens (the rest is padding to a common
-    length); padded query rows come back as zeros. Each row is an unmasked attention over its real tokens, so
-    no mask ever pushes SDPA onto a slower kernel."""
+def attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: tuple[int, ...]) -> list[torch.Tensor]:
+    """Attention where batch row b uses only its first `valid[b]` tokens (the rest pads rows to a common
+    length): one `[B, S, H, D]` output when every row is whole, else one `[1, valid[b], H, D]` per row. Each
+    is an unmasked attention over real tokens, so no mask pushes SDPA onto a slower kernel; the padded rows'
+    outputs are the caller's to fill."""
     total = q.shape[1]
     if all(n == total for n in valid):
-        return sdpa(q, k, v)
-    if len(set(valid)) == 1:
-        n = valid[0]
-        return F.pad(sdpa(q[:, :n], k[:, :n], v[:, :n]), (0, 0, 0, 0, 0, total - n))
-    rows = [
-        F.pad(sdpa(q[b : b + 1, :n], k[b : b + 1, :n], v[b : b + 1, :n]), (0, 0, 0, 0, 0, total - n))
-        for b, n in enumerate(valid)
-    ]
-    return torch.cat(rows)
+        return [sdpa(q, k, v)]
+    return [sdpa(q[b : b + 1, :n], k[b : b + 1, :n], v[b : b + 1, :n]) for b, n in enumerate(valid)]
 
 
 def pad_rows(tensors: list[torch.Tensor], length: int) -> torch.Tensor:

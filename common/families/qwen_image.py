@@ -30,16 +30,9 @@ from common.attention import AttentionLayout, Heads
 from common.cfg import qwen_true_cfg
 from common.checkpoint import ModelFolder
 from common.denoise import DenoiseJob, DenoiseStage, StepHooks, run_denoise_loop
+from common.fused import linear_gelu_tanh, qk_norm_rope
 from common.graphs import maybe_graphed
-from common.kernels import (
-    compiled,
-    fuse_linears,
-    mark_dynamic,
-    pad_rows,
-    prefix_attention,
-    rotary_tables,
-    rotate_pairs,
-)
+from common.kernels import attention_rows, compiled, fuse_linears, mark_dynamic, pad_rows, rotary_tables
 from common.latents import initial_noise, patchify, unpatchify
 from common.options import FamilyDefaults
 from common.rope import Rotary
@@ -355,38 +348,42 @@ def _modulate(x: torch.Tensor, params: torch.Tensor, index: torch.Tensor | None)
     return x * (1 + scale) + shift, gate
 
 
-def _qkv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
-    return F.linear(x, weight, bias).unflatten(-1, (3, heads, -1)).unbind(2)
-
-
-def _block_pre(block, hidden, text, temb, text_temb, index, img_cos, img_sin, txt_cos, txt_sin):
-    """Modulation, norms, fused QKV, QK norm and RoPE of both streams; the joint `[image, text]` q, k, v."""
+def _block_pre(block, hidden, text, img_mod1, txt_mod1, index, img_cos, img_sin, txt_cos, txt_sin):
+    """Norm + modulation, fused QKV, then QK norm, RoPE and the joint `[image, text]` q, k, v in one kernel."""
     attn = block.attn
-    img_mod1, img_mod2 = block.img_mod(temb).chunk(2, dim=-1)
-    txt_mod1, txt_mod2 = block.txt_mod(text_temb).chunk(2, dim=-1)
     img_x, img_gate1 = _modulate(block.img_norm1(hidden), img_mod1, index)
     txt_x, txt_gate1 = _modulate(block.txt_norm1(text), txt_mod1, None)
-    iq, ik, iv = _qkv(img_x, attn.img_qkv_weight, attn.img_qkv_bias, attn.heads)
-    tq, tk, tv = _qkv(txt_x, attn.txt_qkv_weight, attn.txt_qkv_bias, attn.heads)
-    iq, ik = rotate_pairs(attn.norm_q(iq), img_cos, img_sin), rotate_pairs(attn.norm_k(ik), img_cos, img_sin)
-    tq, tk = (
-        rotate_pairs(attn.norm_added_q(tq), txt_cos, txt_sin),
-        rotate_pairs(attn.norm_added_k(tk), txt_cos, txt_sin),
+    img_qkv = F.linear(img_x, attn.img_qkv_weight, attn.img_qkv_bias).unflatten(-1, (3, attn.heads, -1))
+    txt_qkv = F.linear(txt_x, attn.txt_qkv_weight, attn.txt_qkv_bias).unflatten(-1, (3, attn.heads, -1))
+    norms = (attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k)
+    q, k, v = qk_norm_rope(
+        [img_qkv, txt_qkv], [n.weight for n in norms], [img_cos, txt_cos], [img_sin, txt_sin], attn.norm_q.eps
     )
-    q, k, v = (torch.cat(pair, dim=1) for pair in ((iq, tq), (ik, tk), (iv, tv)))
-    return q, k, v, img_gate1, txt_gate1, img_mod2, txt_mod2
+    return q, k, v, img_gate1, txt_gate1
 
 
-def _block_post(block, hidden, text, joint, img_gate1, txt_gate1, img_mod2, txt_mod2, index):
-    """Output projections, gated residuals, norm2 + modulation and the MLPs of both streams."""
+def _mlp(ff: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """diffusers' `FeedForward(activation_fn="gelu-approximate")` with the GELU in the first matmul's epilogue."""
+    first, last = ff.net[0].proj, ff.net[-1]
+    return last(linear_gelu_tanh(x, first.weight, first.bias))
+
+
+def _block_post(block, hidden, text, rows, img_gate1, txt_gate1, img_mod2, txt_mod2, index):
+    """Output projections, gated residuals, norm2 + modulation and the MLPs of both streams. `rows` is the
+    attention output: one `[B, S + L, H, D]` tensor, or one `[1, S + L_b, H, D]` per batch row."""
     attn = block.attn
-    split = hidden.shape[1]
-    hidden = hidden + img_gate1 * attn.to_out[0](joint[:, :split].flatten(2, 3))
-    text = text + txt_gate1 * attn.to_add_out(joint[:, split:].flatten(2, 3))
+    split, length = hidden.shape[1], text.shape[1]
+    if len(rows) == 1:
+        img_attn, txt_attn = rows[0][:, :split], rows[0][:, split:]
+    else:
+        img_attn = torch.cat([r[:, :split] for r in rows])
+        txt_attn = torch.cat([F.pad(r[:, split:], (0, 0, 0, 0, 0, length + split - r.shape[1])) for r in rows])
+    hidden = hidden + img_gate1 * attn.to_out[0](img_attn.flatten(2, 3))
+    text = text + txt_gate1 * attn.to_add_out(txt_attn.flatten(2, 3))
     img_x, img_gate2 = _modulate(block.img_norm2(hidden), img_mod2, index)
-    hidden = hidden + img_gate2 * block.img_mlp(img_x)
+    hidden = hidden + img_gate2 * _mlp(block.img_mlp, img_x)
     txt_x, txt_gate2 = _modulate(block.txt_norm2(text), txt_mod2, None)
-    text = text + txt_gate2 * block.txt_mlp(txt_x)
+    text = text + txt_gate2 * _mlp(block.txt_mlp, txt_x)
     return hidden, text
 
 
@@ -408,8 +405,10 @@ class QwenFastInputs:
 
 class QwenFastDiT:
     """The fast-path forward (`common.kernels`) over the same modules and weights as `QwenDiT`: per block a
-    compiled `_block_pre` (text length dynamic), attention over each row's real tokens with the measured
-    kernel, and a compiled `_block_post`; the QKV projections of each stream fused into one matmul."""
+    compiled `_block_pre` and `_block_post` (text length dynamic) around attention over each row's real tokens
+    with the measured kernel. Each stream's QKV projections are fused into one matmul, QK norm + RoPE into one
+    kernel (`common.fused`), and the blocks' timestep modulations are computed for every step of a request
+    at once (`modulations`), so their 7 GB of weights are read once per request instead of once per step."""
 
     def __init__(self, transformer: torch.nn.Module) -> None:
         self.transformer = transformer
@@ -427,47 +426,57 @@ class QwenFastDiT:
             self._compiled = (compiled(_block_pre), compiled(_block_post))
         return self._compiled
 
+    def _temb(self, timestep: torch.Tensor) -> torch.Tensor:
+        tr = self.transformer
+        return tr.time_text_embed(timestep.to(tr.dtype), tr.img_in.weight)
+
+    def modulations(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every block's image and text modulation for each step of `timesteps` `[N]` (already / 1000):
+        `[N, blocks, T, 6 dim]` (T = 2 with `zero_cond_t`: row 1 is the t = 0 modulation) and `[N, blocks, 1,
+        6 dim]`."""
+        temb = self._temb(timesteps)
+        image, text = [], []
+        zero = self._temb(timesteps[:1] * 0) if self.zero_cond_t else None
+        for block in self.transformer.transformer_blocks:
+            mod = block.img_mod(temb)[:, None]
+            if zero is not None:
+                mod = torch.cat([mod, block.img_mod(zero)[:, None].expand_as(mod)], dim=1)
+            image.append(mod)
+            text.append(block.txt_mod(temb)[:, None])
+        return torch.stack(image, dim=1), torch.stack(text, dim=1)
+
     def __call__(
         self,
         latents: torch.Tensor,
         timestep: torch.Tensor,
+        img_mods: torch.Tensor,
+        txt_mods: torch.Tensor,
         inputs: QwenFastInputs,
         text_lengths: tuple[int, ...],
         compile: bool,
     ) -> torch.Tensor:
         """`latents` `[B, S0, 64]` noisy tokens (the batch is branch-major: CFG rows after positive rows),
-        `timestep` `[1]` already divided by 1000 -> prediction `[B, S0, 64]`."""
+        `timestep` `[1]` already divided by 1000, this step's `modulations` -> prediction `[B, S0, 64]`."""
         tr = self.transformer
         pre, post = self.stages(compile)
         hidden = tr.img_in(torch.cat([latents, inputs.condition], dim=1))
-        timestep = timestep.to(hidden.dtype)
-        index = None
-        if self.zero_cond_t:
-            timestep, index = torch.cat([timestep, timestep * 0]), inputs.modulate_index
-        temb = tr.time_text_embed(timestep, hidden)
-        text_temb = temb[:1]
+        index = inputs.modulate_index if self.zero_cond_t else None
         text = tr.txt_in(tr.txt_norm(inputs.text))
         image_len = hidden.shape[1]
         valid = tuple(image_len + n for n in text_lengths)
-        mark_dynamic(inputs.txt_cos, 0)
-        mark_dynamic(inputs.txt_sin, 0)
-        for block in tr.transformer_blocks:
+        for tensor, dim in ((inputs.txt_cos, 0), (inputs.txt_sin, 0)):
+            mark_dynamic(tensor, dim)
+        for i, block in enumerate(tr.transformer_blocks):
+            img_mod1, img_mod2 = img_mods[i].chunk(2, dim=-1)
+            txt_mod1, txt_mod2 = txt_mods[i].chunk(2, dim=-1)
             mark_dynamic(text, 1)
-            q, k, v, *mods = pre(
-                block,
-                hidden,
-                text,
-                temb,
-                text_temb,
-                index,
-                inputs.img_cos,
-                inputs.img_sin,
-                inputs.txt_cos,
+            q, k, v, img_gate1, txt_gate1 = pre(
+                block, hidden, text, img_mod1, txt_mod1, index, inputs.img_cos, inputs.img_sin, inputs.txt_cos,
                 inputs.txt_sin,
-            )
-            joint = prefix_attention(q, k, v, valid)
-            hidden, text = post(block, hidden, text, joint, *mods, index)
-        return tr.proj_out(tr.norm_out(hidden, text_temb))[:, : latents.shape[1]]
+            )  # fmt: skip
+            rows = [mark_dynamic(r, 1) for r in attention_rows(q, k, v, valid)]
+            hidden, text = post(block, hidden, text, rows, img_gate1, txt_gate1, img_mod2, txt_mod2, index)
+        return tr.proj_out(tr.norm_out(hidden, self._temb(timestep)))[:, : latents.shape[1]]
 
 
 # ------------------------------------------------------------------------------------------------------ denoise
@@ -598,14 +607,16 @@ class QwenDenoiser(DenoiseStage):
         )
         compile = self.compile_for(opts.steps * len(local))
         key = ("qwen", lengths, compile)
+        timesteps = schedule.timesteps.to(dtype) / 1000
+        img_mods, txt_mods = self.fast.modulations(timesteps)
 
-        def forward(latents: torch.Tensor, timestep: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
-            return self.fast(latents, timestep, QwenFastInputs(*tensors), lengths, compile)
+        def forward(latents: torch.Tensor, timestep: torch.Tensor, img_mod, txt_mod, *tensors) -> torch.Tensor:
+            return self.fast(latents, timestep, img_mod, txt_mod, QwenFastInputs(*tensors), lengths, compile)
 
         def predict(latents: torch.Tensor, step: int) -> torch.Tensor:
-            timestep = schedule.timesteps[step : step + 1].to(dtype) / 1000
             batched = latents.repeat(len(local), 1, 1)
-            out = self.graphs.run(key, forward, batched, timestep, *inputs.tensors())
+            step_args = (timesteps[step : step + 1], img_mods[step], txt_mods[step])
+            out = self.graphs.run(key, forward, batched, *step_args, *inputs.tensors())
             outputs = sharding.exchange(dict(zip(local, out.chunk(len(local)), strict=True)), names)
             for name, output in zip(names, outputs, strict=True):
                 hooks.model_output(step, name, output)

@@ -29,17 +29,9 @@ from common.attention import LOCAL_ATTENTION, AttentionBackend, AttentionLayout,
 from common.cfg import z_image_cfg
 from common.checkpoint import ModelFolder
 from common.denoise import DenoiseJob, DenoiseStage, StepHooks, run_denoise_loop
+from common.fused import qk_norm_rope
 from common.graphs import maybe_graphed
-from common.kernels import (
-    compiled,
-    fuse_linears,
-    mark_dynamic,
-    pad_rows,
-    prefix_attention,
-    rotary_tables,
-    rotate_pairs,
-    sdpa,
-)
+from common.kernels import attention_rows, compiled, fuse_linears, mark_dynamic, pad_rows, rotary_tables, sdpa
 from common.latents import initial_noise, patchify, unpatchify
 from common.options import FamilyDefaults
 from common.rope import Rotary
@@ -278,17 +270,20 @@ class ZImageDiT:
 
 # --------------------------------------------------------------------------------------------- fast DiT forward
 def _layer_pre(layer, x, adaln, cos, sin):
-    """adaLN modulation, norm, fused QKV, QK norm and RoPE of a modulated layer."""
+    """adaLN modulation, norm, fused QKV, then QK norm + RoPE in one kernel (`common.fused`)."""
     attn = layer.attention
     scale_msa, gate_msa, scale_mlp, gate_mlp = layer.adaLN_modulation(adaln).unsqueeze(1).chunk(4, dim=2)
     h = layer.attention_norm1(x) * (1.0 + scale_msa)
-    q, k, v = F.linear(h, attn.qkv_weight).unflatten(-1, (3, attn.heads, -1)).unbind(2)
-    q, k = rotate_pairs(attn.norm_q(q), cos, sin), rotate_pairs(attn.norm_k(k), cos, sin)
+    qkv = F.linear(h, attn.qkv_weight).unflatten(-1, (3, attn.heads, -1))
+    q, k, v = qk_norm_rope([qkv], [attn.norm_q.weight, attn.norm_k.weight], [cos], [sin], attn.norm_q.eps)
     return q, k, v, gate_msa.tanh(), 1.0 + scale_mlp, gate_mlp.tanh()
 
 
-def _layer_post(layer, x, joint, gate_msa, scale_mlp, gate_mlp):
-    """Output projection, norm, gated residual, and the SwiGLU feed-forward with w1 and w3 fused."""
+def _layer_post(layer, x, rows, gate_msa, scale_mlp, gate_mlp):
+    """Output projection, norm, gated residual, and the SwiGLU feed-forward with w1 and w3 fused. `rows` is
+    the attention output: one `[B, N, H, D]` tensor, or one `[1, N_b, H, D]` per batch row (zero-filled here)."""
+    length = x.shape[1]
+    joint = rows[0] if len(rows) == 1 else torch.cat([F.pad(r, (0, 0, 0, 0, 0, length - r.shape[1])) for r in rows])
     x = x + gate_msa * layer.attention_norm2(layer.attention.to_out[0](joint.flatten(2, 3)))
     ff = layer.feed_forward
     gate, up = F.linear(layer.ffn_norm1(x) * scale_mlp, ff.w13_weight).chunk(2, dim=-1)
@@ -350,7 +345,7 @@ class ZImageFastDiT:
         image = torch.where(inputs.registers, tr.x_pad_token.to(image.dtype), image)
         for layer in tr.noise_refiner:
             q, k, v, *mods = pre(layer, image, adaln, inputs.image_cos, inputs.image_sin)
-            image = post(layer, image, sdpa(q, k, v), *mods)
+            image = post(layer, image, [sdpa(q, k, v)], *mods)
         unified = torch.cat([image, inputs.captions], dim=1)
         valid = tuple(image.shape[1] + n for n in caption_lengths)
         mark_dynamic(inputs.joint_cos, 1)
@@ -358,7 +353,8 @@ class ZImageFastDiT:
         for layer in tr.layers:
             mark_dynamic(unified, 1)
             q, k, v, *mods = pre(layer, unified, adaln, inputs.joint_cos, inputs.joint_sin)
-            unified = post(layer, unified, prefix_attention(q, k, v, valid), *mods)
+            rows = [mark_dynamic(r, 1) for r in attention_rows(q, k, v, valid)]
+            unified = post(layer, unified, rows, *mods)
         out = tr.all_final_layer[PATCH_KEY](unified, c=adaln)
         return out[:, : tokens.shape[1]]
 
