@@ -168,10 +168,9 @@ class _TritonGate:
             log.warning("fused QK-norm/RoPE kernel unavailable, using the PyTorch path: %s", exc)
             return False
         ref = _twin(qkvs, weights, coss, sins, 1e-6)
-        worst = max(
-            ((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip(fast, ref, strict=True)
-        )
-        if worst > 2e-2:
+        pairs = zip(fast, ref, strict=True)
+        worst = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in pairs)
+        if worst > 2e-2:  # a wrong index gives ~1; bf16 roundings of the same maths ~3e-3
             log.warning("fused QK-norm/RoPE kernel disagrees with the PyTorch path (%.3g): using the latter", worst)
             return False
         return True
