@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
@@ -26,19 +27,23 @@ def to_pil(array: np.ndarray) -> list[PIL.Image.Image]:
     return VaeImageProcessor.numpy_to_pil(array)
 
 
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP")  # the decoders we expose to callers' bytes (no TIFF, ICNS, FLI, ...)
+
+
 def decode_image(data: bytes, field: str = "images", max_pixels: int = 64 * 1024 * 1024) -> PIL.Image.Image:
-    """Bytes of a PNG/JPEG/WEBP/... -> RGB PIL image; refuses unreadable data and decompression bombs."""
+    """Bytes of a PNG/JPEG/WEBP -> RGB PIL image as diffusers' `load_image` makes it (EXIF orientation applied,
+    then RGB); refuses other formats, unreadable data and decompression bombs (size checked before decoding)."""
     try:
-        with PIL.Image.open(io.BytesIO(data)) as probe:
+        with PIL.Image.open(io.BytesIO(data), formats=INPUT_FORMATS) as probe:
             width, height = probe.size
             if width * height > max_pixels:
                 raise InvalidArgument(field, f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
             probe.load()
-            return probe.convert("RGB")
-    except InvalidArgument:
+            return PIL.ImageOps.exif_transpose(probe).convert("RGB")
+    except (InvalidArgument, MemoryError):
         raise
-    except (PIL.UnidentifiedImageError, OSError, ValueError, PIL.Image.DecompressionBombError) as exc:
-        raise InvalidArgument(field, f"not a readable image ({exc})") from exc
+    except Exception as exc:  # Pillow's decoders fail in many ways on hostile bytes; all are the caller's
+        raise InvalidArgument(field, f"not a readable PNG, JPEG or WEBP image ({type(exc).__name__}: {exc})") from exc
 
 
 def load_image_file(path: str | Path, field: str = "image") -> PIL.Image.Image:
@@ -46,12 +51,6 @@ def load_image_file(path: str | Path, field: str = "image") -> PIL.Image.Image:
     if not path.is_file():
         raise InvalidArgument(field, f"no such file: {path}")
     return decode_image(path.read_bytes(), field)
-
-
-def encode_image(image: PIL.Image.Image, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 def write_outputs(array: np.ndarray, output: str | Path) -> list[Path]:

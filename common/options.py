@@ -35,13 +35,18 @@ class FamilyDefaults:
 
 @dataclass(frozen=True)
 class Limits:
-    """Serving limits; the CLI uses the defaults, services take them from flags."""
+    """Serving limits; the CLI uses the defaults, every service takes them from its --max-* flags (the stages
+    check their internal requests against the same numbers as the gateway)."""
 
     max_side: int = 4096
     max_steps: int = 200
     max_images_per_request: int = 8
     max_prompt_chars: int = 8192
     max_guidance_scale: float = 100.0
+    max_request_pixels: int = 64 << 20  # num_images x width x height of one request's output
+    max_response_bytes: int = 512 << 20  # the encoded images of one response, estimated up front
+    max_input_bytes: int = 32 << 20  # one input image file
+    max_input_pixels: int = 64 << 20  # one decoded input image
 
 
 @dataclass(frozen=True)
@@ -84,14 +89,14 @@ class ResolvedOptions:
         return self.negative_prompt is not None
 
 
-def _check_number(name: str, value: float, low: float, high: float) -> None:
+def check_number(name: str, value: float, low: float, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise InvalidArgument(name, f"must be a finite number, got {value!r}")
     if not low <= value <= high:
         raise InvalidArgument(name, f"must be between {low} and {high}, got {value}")
 
 
-def _check_int(name: str, value: int, low: int, high: int, multiple_of: int = 1) -> None:
+def check_int(name: str, value: int, low: int, high: int, multiple_of: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgument(name, f"must be an integer, got {value!r}")
     if not low <= value <= high:
@@ -100,7 +105,7 @@ def _check_int(name: str, value: int, low: int, high: int, multiple_of: int = 1)
         raise InvalidArgument(name, f"must be a multiple of {multiple_of}, got {value}")
 
 
-def _check_text(name: str, value: str | None, limits: Limits) -> None:
+def check_text(name: str, value: str | None, limits: Limits) -> None:
     if value is None:
         return
     if not isinstance(value, str):
@@ -109,6 +114,15 @@ def _check_text(name: str, value: str | None, limits: Limits) -> None:
         raise InvalidArgument(name, f"is {len(value)} characters long; the limit is {limits.max_prompt_chars}")
     if "\x00" in value:
         raise InvalidArgument(name, "must not contain NUL characters")
+
+
+def check_pixels(field: str, num_images: int, width: int, height: int, limits: Limits) -> None:
+    pixels = num_images * width * height
+    if pixels > limits.max_request_pixels:
+        raise InvalidArgument(
+            field,
+            f"{num_images} images of {width}x{height} are {pixels} pixels; the limit is {limits.max_request_pixels}",
+        )
 
 
 def resolve_options(
@@ -122,8 +136,8 @@ def resolve_options(
     """Fill family defaults and validate; `default_size` (width, height) comes from the input image for edits."""
     if options.prompt is None:
         raise InvalidArgument("prompt", "is required")
-    _check_text("prompt", options.prompt, limits)
-    _check_text("negative_prompt", options.negative_prompt, limits)
+    check_text("prompt", options.prompt, limits)
+    check_text("negative_prompt", options.negative_prompt, limits)
     if num_input_images < defaults.min_images or num_input_images > defaults.max_images:
         if defaults.max_images == 0:
             raise InvalidArgument("images", f"{family} generates from text only; got {num_input_images} input images")
@@ -135,12 +149,12 @@ def resolve_options(
     width = options.width if options.width is not None else fallback_w
     height = options.height if options.height is not None else fallback_h
     for name, value in (("width", width), ("height", height)):
-        _check_int(name, value, 16, limits.max_side, multiple_of=16)
+        check_int(name, value, 16, limits.max_side, multiple_of=16)
 
     steps = defaults.steps if options.steps is None else options.steps
-    _check_int("steps", steps, defaults.min_steps, limits.max_steps)
+    check_int("steps", steps, defaults.min_steps, limits.max_steps)
     guidance = defaults.guidance_scale if options.guidance_scale is None else options.guidance_scale
-    _check_number("guidance_scale", guidance, 0.0, limits.max_guidance_scale)
+    check_number("guidance_scale", guidance, 0.0, limits.max_guidance_scale)
 
     cfg_norm, cfg_trunc = defaults.cfg_normalization, defaults.cfg_truncation
     for name, value in (("cfg_normalization", options.cfg_normalization), ("cfg_truncation", options.cfg_truncation)):
@@ -148,18 +162,19 @@ def resolve_options(
             continue
         if not defaults.supports_cfg_options:
             raise InvalidArgument(name, f"applies to z-image only, not {family}")
-        _check_number(name, value, 0.0, 1e6)
+        check_number(name, value, 0.0, 1e6)
     if options.cfg_normalization is not None:
         cfg_norm = float(options.cfg_normalization)
     if options.cfg_truncation is not None:
         cfg_trunc = float(options.cfg_truncation)
 
     max_len = defaults.max_sequence_length if options.max_sequence_length is None else options.max_sequence_length
-    _check_int("max_sequence_length", max_len, 1, defaults.max_sequence_length_limit)
-    _check_int("num_images", options.num_images, 1, limits.max_images_per_request)
+    check_int("max_sequence_length", max_len, 1, defaults.max_sequence_length_limit)
+    check_int("num_images", options.num_images, 1, limits.max_images_per_request)
+    check_pixels("num_images", options.num_images, width, height, limits)
 
     seed = secrets.randbelow(MAX_SEED) if options.seed is None else options.seed
-    _check_int("seed", seed, 0, MAX_SEED)
+    check_int("seed", seed, 0, MAX_SEED)
 
     negative = defaults.default_negative_prompt if options.negative_prompt is None else options.negative_prompt
     if guidance <= defaults.cfg_above:

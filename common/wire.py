@@ -11,6 +11,8 @@ from safetensors.torch import load, save
 
 from common.errors import InvalidArgument
 
+LATENTS = "latents"  # the tensor name of latents between the stages (denoiser output, VAE input, edit conditions)
+
 
 def pack(tensor: torch.Tensor, name: str) -> bytes:
     """One CPU tensor -> the bytes of a safetensors file holding it under `name`."""

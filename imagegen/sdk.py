@@ -9,8 +9,15 @@
 
 Unset options take the model family's diffusers defaults. Pass `progress=callback` to receive `Progress`
 updates (stage, step of total, queue position) over the streaming RPC. Failures raise `ImageServiceError`
-subclasses (`InvalidArgumentError.field` names the offending field). UNAVAILABLE, and RESOURCE_EXHAUSTED with a
-retry hint (a full queue), are retried with exponential backoff within the call's timeout.
+subclasses (`InvalidArgumentError.field` names the offending field).
+
+Each call has a timeout (default 600 s) that bounds it, retries included. The gateway rides through stage
+restarts within that deadline itself; the SDK retries only what did not reach a working gateway (UNAVAILABLE
+while it restarts or drains, RESOURCE_EXHAUSTED with a retry hint), never what the gateway already retried
+(`common.serving.retry`: one retry budget per request).
+
+An API key is a bearer secret: the SDK refuses to send one in plaintext to anything but a loopback address,
+unless `allow_plaintext_key=True` says that the network is trusted.
 
 No torch here: the SDK needs grpcio, protobuf, numpy and Pillow only.
 """
@@ -19,10 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ipaddress
 import os
-import random
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -35,8 +43,25 @@ import PIL.Image
 from common.errors import ImagegenError
 from common.outputs import decode_output, to_pil_images
 from common.serving.convert import OPTION_FIELDS
+from common.serving.retry import DEFAULT_TIMEOUT_S, Deadline, RetryBudget, RetryPolicy
 from common.serving.status import ErrorDetails, parse_error
+from common.serving.transport import client_options
 from imagegen.v1 import common_pb2, image_service_pb2, image_service_pb2_grpc
+
+__all__ = [
+    "AsyncImageClient",
+    "DeadlineExceededError",
+    "ImageClient",
+    "ImageServiceError",
+    "InvalidArgumentError",
+    "Progress",
+    "RequestCancelledError",
+    "ResourceExhaustedError",
+    "Result",
+    "RetryPolicy",
+    "UnauthenticatedError",
+    "UnavailableError",
+]
 
 ImageInput = PIL.Image.Image | bytes | str | os.PathLike
 _STAGES = {
@@ -46,13 +71,6 @@ _STAGES = {
     common_pb2.STAGE_DECODING: "decoding",
 }
 _OPTIONAL_FIELDS = (*OPTION_FIELDS, "num_images")
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", -1),
-    ("grpc.max_send_message_length", -1),
-    # Reconnect soon after a gateway restart, so that the retries below can succeed (gRPC's default waits >= 1 s).
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 5000),
-]
 
 
 # ---------------------------------------------------------------------------------------------------- results
@@ -141,24 +159,21 @@ def error_from(error: grpc.RpcError) -> ImageServiceError:
 
 
 # ------------------------------------------------------------------------------------------------ shared core
-@dataclass(frozen=True)
-class RetryPolicy:
-    attempts: int = 4
-    initial_backoff: float = 0.2
-    max_backoff: float = 5.0
-
-    def delay(self, error: ImageServiceError, attempt: int, deadline: float | None) -> float | None:
-        """Seconds to wait before retrying, or None when the error is final."""
-        retryable = error.code == grpc.StatusCode.UNAVAILABLE or (
-            error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.details.retry_delay is not None
-        )
-        if not retryable or attempt + 1 >= self.attempts:
-            return None
-        delay = random.uniform(0, min(self.max_backoff, self.initial_backoff * 2**attempt))
-        delay = max(delay, error.details.retry_delay or 0.0)
-        if deadline is not None and time.monotonic() + delay >= deadline:
-            return None
-        return delay
+def is_loopback(target: str) -> bool:
+    """Whether a gRPC target names this machine (localhost, 127.0.0.0/8, ::1, or a Unix socket)."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = target.removeprefix("dns:").removeprefix("ipv4:").removeprefix("ipv6:").lstrip("/")
+    if host.startswith("["):
+        host = host[1 : host.find("]")]
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _image_bytes(image: ImageInput) -> bytes:
@@ -180,9 +195,23 @@ def _format_value(name: str) -> int:
 
 
 class _Core:
-    """What both clients share: requests, metadata, deadlines, results."""
+    """What both clients share: requests, metadata, deadlines, retries, results."""
 
-    def __init__(self, target: str, api_key: str | None, model: str | None, timeout: float | None, retry: RetryPolicy):
+    def __init__(
+        self,
+        target: str,
+        api_key: str | None,
+        model: str | None,
+        timeout: float,
+        retry: RetryPolicy,
+        secure: bool,
+        allow_plaintext_key: bool,
+    ):
+        if api_key and not secure and not allow_plaintext_key and not is_loopback(target):
+            raise ValueError(
+                f"refusing to send an API key in plaintext to {target}: use tls=True (or root_certificates), "
+                "or pass allow_plaintext_key=True if this network is trusted"
+            )
         self.target = target
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.model = model
@@ -196,20 +225,21 @@ class _Core:
         fields = {k: v for k, v in options.items() if k in _OPTIONAL_FIELDS and v is not None}
         fields["output_format"] = _format_value(options.get("output_format") or "png")
         fields["model"] = options.get("model") or self.model or ""
-        fields["request_id"] = options.get("request_id") or ""
+        # One id for the call, retries included, so that their log lines correlate.
+        fields["request_id"] = options.get("request_id") or uuid.uuid4().hex
         if images is None:
             return image_service_pb2.GenerateImageRequest(prompt=prompt, **fields)
         if isinstance(images, PIL.Image.Image | bytes | str | os.PathLike):
             images = [images]
         return image_service_pb2.EditImageRequest(prompt=prompt, images=[_image_bytes(i) for i in images], **fields)
 
-    def deadline(self, timeout: float | None) -> float | None:
-        timeout = self.timeout if timeout is None else timeout
-        return None if timeout is None else time.monotonic() + timeout
+    def budget(self, timeout: float | None) -> RetryBudget:
+        """This call's deadline and retries."""
+        return self.retry.budget(Deadline.within(self.timeout if timeout is None else timeout, DEFAULT_TIMEOUT_S))
 
     @staticmethod
-    def remaining(deadline: float | None) -> float | None:
-        return None if deadline is None else max(0.001, deadline - time.monotonic())
+    def remaining(budget: RetryBudget) -> float:
+        return max(0.001, budget.deadline.left())
 
     @staticmethod
     def result(response: image_service_pb2.ImageResponse) -> Result:
@@ -232,9 +262,9 @@ class _Core:
     def channel(grpc_module, target: str, tls: bool, root_certificates: bytes | None):
         """A channel from `grpc` (sync) or `grpc.aio`: both spell channel creation the same way."""
         if not tls and root_certificates is None:
-            return grpc_module.insecure_channel(target, options=_CHANNEL_OPTIONS)
+            return grpc_module.insecure_channel(target, options=client_options())
         credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-        return grpc_module.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+        return grpc_module.secure_channel(target, credentials, options=client_options())
 
 
 ProgressCallback = Callable[[Progress], Any]
@@ -242,7 +272,7 @@ ProgressCallback = Callable[[Progress], Any]
 
 # ----------------------------------------------------------------------------------------------- sync client
 class ImageClient:
-    """Blocking client. `timeout` (seconds) bounds each call including its retries; None waits as long as it takes."""
+    """Blocking client. `timeout` (seconds) bounds each call including its retries."""
 
     def __init__(
         self,
@@ -250,12 +280,14 @@ class ImageClient:
         *,
         api_key: str | None = None,
         model: str | None = None,
-        timeout: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
         tls: bool = False,
         root_certificates: bytes | None = None,
         retry: RetryPolicy = RetryPolicy(),
+        allow_plaintext_key: bool = False,
     ) -> None:
-        self._core = _Core(target, api_key, model, timeout, retry)
+        secure = tls or root_certificates is not None
+        self._core = _Core(target, api_key, model, timeout, retry, secure, allow_plaintext_key)
         self._channel = _Core.channel(grpc, target, tls, root_certificates)
         self._stub = image_service_pb2_grpc.ImageServiceStub(self._channel)
 
@@ -307,19 +339,17 @@ class ImageClient:
 
         return self._retrying(streamed, timeout)
 
-    def _retrying(self, attempt_call: Callable[[float | None], Any], timeout: float | None) -> Any:
-        deadline = self._core.deadline(timeout)
-        attempt = 0
+    def _retrying(self, attempt_call: Callable[[float], Any], timeout: float | None) -> Any:
+        budget = self._core.budget(timeout)
         while True:
             try:
-                return attempt_call(self._core.remaining(deadline))
+                return attempt_call(self._core.remaining(budget))
             except grpc.RpcError as rpc_error:
                 error = error_from(rpc_error)
-                delay = self._core.retry.delay(error, attempt, deadline)
+                delay = budget.delay(error.details)
                 if delay is None:
                     raise error from None
             time.sleep(delay)
-            attempt += 1
 
     def close(self) -> None:
         self._channel.close()
@@ -342,12 +372,14 @@ class AsyncImageClient:
         *,
         api_key: str | None = None,
         model: str | None = None,
-        timeout: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
         tls: bool = False,
         root_certificates: bytes | None = None,
         retry: RetryPolicy = RetryPolicy(),
+        allow_plaintext_key: bool = False,
     ) -> None:
-        self._core = _Core(target, api_key, model, timeout, retry)
+        secure = tls or root_certificates is not None
+        self._core = _Core(target, api_key, model, timeout, retry, secure, allow_plaintext_key)
         self._channel = _Core.channel(grpc.aio, target, tls, root_certificates)
         self._stub = image_service_pb2_grpc.ImageServiceStub(self._channel)
 
@@ -396,18 +428,16 @@ class AsyncImageClient:
         return await self._retrying(once, timeout)
 
     async def _retrying(self, attempt_call, timeout: float | None) -> Any:
-        deadline = self._core.deadline(timeout)
-        attempt = 0
+        budget = self._core.budget(timeout)
         while True:
             try:
-                return await attempt_call(self._core.remaining(deadline))
+                return await attempt_call(self._core.remaining(budget))
             except grpc.RpcError as rpc_error:
                 error = error_from(rpc_error)
-                delay = self._core.retry.delay(error, attempt, deadline)
+                delay = budget.delay(error.details)
                 if delay is None:
                     raise error from None
             await asyncio.sleep(delay)
-            attempt += 1
 
     async def close(self) -> None:
         await self._channel.close()
@@ -423,7 +453,8 @@ class AsyncImageClient:
 def run_remote(args: Any, options: Any, images: Sequence[PIL.Image.Image]) -> np.ndarray:
     """`imagegen generate/edit --target HOST:PORT`: the same request through a gateway; float32 `[K, H, W, 3]`."""
     fields = {name: getattr(options, name) for name in _OPTIONAL_FIELDS}
-    with ImageClient(args.target, api_key=args.api_key, model=args.model) as client:
+    trusted = os.environ.get("IMAGEGEN_ALLOW_PLAINTEXT_KEY") == "1"  # the CLI's way to say the network is trusted
+    with ImageClient(args.target, api_key=args.api_key, model=args.model, allow_plaintext_key=trusted) as client:
         if images:
             result = client.edit(images, options.prompt, output_format="npy", **fields)
         else:

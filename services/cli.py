@@ -17,6 +17,7 @@ def serve(args: argparse.Namespace) -> int:
     """Run the chosen service(s); returns the process exit status. Configuration errors raise ImagegenError."""
     import asyncio
 
+    from common.serving.config import bind_host
     from common.serving.hosting import pin_torch_threads
     from common.serving.logs import configure_logging
     from common.serving.server import serve as run_servers
@@ -32,6 +33,7 @@ def serve(args: argparse.Namespace) -> int:
             from services.denoiser import follow
 
             return follow(args)
+    args.host = bind_host(args.host, public=args.service in ("gateway", "all"))
     tls = TlsConfig.from_args(args.tls_cert, args.tls_key, args.tls_ca)
     servers = run_servers(endpoints(args, tls), args.grace_period, args.host, args.metrics_port, args.health_port)
     return asyncio.run(servers)

@@ -4,6 +4,11 @@ deadlines stop the loop before its next step.
 `make_engine` is the one place that decides what runs a job: the stage itself in this process (P x C = 1), or
 rank 0's handle on a sequence-/CFG-parallel group (started by torchrun, or spawned here), both with the same
 `run(job, hooks) -> latents`. Under torchrun the other ranks never open a port: `follow` runs them.
+
+Every job is validated here, against the loaded model, before it is queued (and so before rank 0 broadcasts
+it): a malformed request is the caller's INVALID_ARGUMENT and never reaches the other ranks. A group that fails
+(a rank died or hung) makes this process report NOT_SERVING and exit non-zero; its callers get UNAVAILABLE,
+which the gateway retries on a fresh group.
 """
 
 from __future__ import annotations
@@ -13,16 +18,18 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import signal
+from collections.abc import Callable
 
 import grpc
 
 from common.cache import RedisStore
 from common.denoise import DenoiseJob, StepHooks
 from common.errors import InvalidArgument
+from common.families.inputs import denoiser_inputs
 from common.parallel.group import GroupError
 from common.parallel.launch import follow_as_rank, group_denoiser, launched_by_torchrun
+from common.parallel.runner import heartbeat_interval
 from common.serving.config import redis_password
 from common.serving.convert import grids_from_proto, resolved_from_proto
 from common.serving.embeddings import load_embeddings
@@ -30,17 +37,18 @@ from common.serving.handlers import in_executor, require_ready, rpc
 from common.serving.hosting import LOAD_LOCK, HostedModel, compute_thread
 from common.serving.jobs import JobQueue
 from common.serving.server import Service
-from common.serving.status import RpcFailure
-from common.wire import pack, unpack
+from common.serving.status import GROUP_FAILED, with_reason
+from common.validation import check_condition, check_embeddings, check_resolved, limits_from_args
+from common.wire import LATENTS, pack, unpack
 from imagegen.v1 import common_pb2, denoiser_pb2, denoiser_pb2_grpc
 
 SERVICE = "imagegen.v1.DenoiserService"
 log = logging.getLogger(__name__)
-LATENTS = "latents"
 
 
 class GroupEngine:
-    """Rank 0's group handle kept open for the service's life; a failed group takes the process down."""
+    """Rank 0's group handle kept open for the service's life. `on_failure(reason)` hears, once, that the group
+    broke; every later job fails at once (the process is on its way out)."""
 
     def __init__(self, args: argparse.Namespace, model: HostedModel) -> None:
         self._stack = contextlib.ExitStack()
@@ -50,16 +58,34 @@ class GroupEngine:
                 args.model, args.sp, args.cfg_parallel, dtype, model.device, args.collective_timeout, args.torch_threads
             )
         )
+        self.stage = self._group.denoiser
+        self.heartbeat_s = heartbeat_interval(args.collective_timeout)
+        self.on_failure: Callable[[str], None] = lambda reason: None
 
     def run(self, job: DenoiseJob, hooks: StepHooks):
         try:
             return self._group.run(job, hooks)
         except GroupError as exc:
-            # The other ranks are gone or stuck: no later job can succeed. Fail this one as retryable and stop
-            # the process (draining the queue) so that its supervisor starts a fresh group.
-            log.critical("denoiser group failed, shutting down: %s", exc)
-            os.kill(os.getpid(), signal.SIGTERM)
-            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"denoiser group failed: {exc}") from exc
+            raise self._failed(exc) from exc
+
+    def heartbeat(self) -> None:
+        try:
+            self._group.heartbeat()
+        except GroupError as exc:
+            self._failed(exc)
+
+    def finish(self) -> None:
+        """Release the other ranks (on the queue's thread, after the last job)."""
+        try:
+            self._group.close()
+        except GroupError as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: GroupError):
+        # The other ranks are gone or stuck: no later job can succeed. Callers get UNAVAILABLE (retried by the
+        # gateway elsewhere, or once this replica has restarted).
+        self.on_failure(str(exc))
+        return with_reason(grpc.StatusCode.UNAVAILABLE, GROUP_FAILED, f"denoiser group failed: {exc}")
 
     def close(self) -> None:
         self._stack.close()
@@ -74,23 +100,15 @@ def make_engine(args: argparse.Namespace, model: HostedModel):
 
 
 def follow(args: argparse.Namespace) -> int:
-    """A torchrun rank other than 0: load the transformer and run every job rank 0 broadcasts."""
+    """A torchrun rank other than 0: load the transformer and run every job rank 0 broadcasts.
+
+    torchrun forwards SIGTERM to every rank; this one keeps following until rank 0, done draining, broadcasts
+    stop (or dies: then the next collective fails and this process exits non-zero)."""
+    signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: following rank 0 until it stops the group"))
     model = HostedModel.from_args(args)
     dtype = str(model.dtype).removeprefix("torch.")
     follow_as_rank(args.model, args.sp, args.cfg_parallel, dtype, model.device, args.collective_timeout)
     return 0
-
-
-def _check_options(options, family: str) -> None:
-    if options.family != family:
-        raise InvalidArgument("options.family", f"this denoiser hosts {family}, not {options.family!r}")
-    for name in ("width", "height"):
-        value = getattr(options, name)
-        if value < 16 or value % 16:
-            raise InvalidArgument(f"options.{name}", f"must be a positive multiple of 16, got {value}")
-    for name in ("steps", "num_images"):
-        if getattr(options, name) < 1:
-            raise InvalidArgument(f"options.{name}", "must be at least 1")
 
 
 class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
@@ -98,8 +116,10 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
         self.args = args
         self.model = model
         self.family = model.family.name
+        self.limits = limits_from_args(args)
         self.queue: JobQueue | None = None
         self.store: RedisStore | None = None
+        self.service: Service | None = None
 
     async def prepare(self) -> None:
         model = self.model
@@ -108,14 +128,27 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
             self.engine = await in_executor(loader, make_engine, self.args, model)
         finally:
             loader.shutdown(wait=False)
+        self.stage = getattr(self.engine, "stage", self.engine)
         if self.args.redis_url:
             self.store = RedisStore(self.args.redis_url, self.args.cache_ttl, self.args.redis_timeout, redis_password())
         self.info = model.info(("transformer", "scheduler"), reads_cache=self.store is not None)
-        self.queue = JobQueue(self.args.queue_size, "denoiser")
+        if isinstance(self.engine, GroupEngine):
+            self.engine.on_failure = self._group_failed
+            idle = (self.engine.heartbeat_s, self.engine.heartbeat)
+            self.queue = JobQueue(self.args.queue_size, "denoiser", idle=idle, finish=self.engine.finish)
+        else:
+            self.queue = JobQueue(self.args.queue_size, "denoiser")
+
+    def _group_failed(self, reason: str) -> None:
+        """From the queue's thread: fail the waiting jobs at once and take the process down (exit status 1)."""
+        self.queue.shut(with_reason(grpc.StatusCode.UNAVAILABLE, GROUP_FAILED, "denoiser group failed"))
+        if self.service is not None:
+            self.service.fail(reason)
 
     async def close(self) -> None:
         if self.queue is not None:
-            await asyncio.to_thread(self.queue.close)
+            # The drain let in-flight jobs finish; what still runs was cancelled and stops within a step.
+            await asyncio.to_thread(self.queue.close, self.args.collective_timeout)
         if getattr(self, "engine", None) is not None and hasattr(self.engine, "close"):
             await asyncio.to_thread(self.engine.close)
         if self.store is not None:
@@ -131,7 +164,9 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
         require_ready(self.queue is not None, "denoiser")
         job = await self._job(request)
         total = job.options.steps
-        ticket = self.queue.submit(functools.partial(self._run, job), context.time_remaining())
+        remaining = context.time_remaining()
+        timeout = self.args.default_timeout if remaining is None else remaining
+        ticket = self.queue.submit(functools.partial(self._run, job), timeout)
         try:
             async for event in ticket.events():
                 if not request.progress and not event.final:
@@ -151,8 +186,9 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
         return pack(self.engine.run(job, hooks), LATENTS)
 
     async def _job(self, request: denoiser_pb2.DenoiseRequest) -> DenoiseJob:
+        """The request as a job, every part checked against the options, the limits and the loaded model."""
         options = resolved_from_proto(request.options)
-        _check_options(options, self.family)
+        check_resolved(options, self.family, self.model.family.defaults, self.limits)
         if options.uses_cfg and not request.HasField("negative_embeds"):
             raise InvalidArgument("negative_embeds", "required when options.negative_prompt is set (CFG)")
         positive, negative = await asyncio.gather(
@@ -163,7 +199,16 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
         if request.HasField("condition"):
             condition = unpack(request.condition.safetensors, LATENTS, "condition.safetensors")
             shapes = grids_from_proto(request.condition.shapes)
-        return DenoiseJob(options, positive, negative, condition, shapes)
+        job = DenoiseJob(options, positive, negative, condition, shapes)
+        await asyncio.to_thread(self._check_job, job)  # scans every value: off the event loop
+        return job
+
+    def _check_job(self, job: DenoiseJob) -> None:
+        inputs = denoiser_inputs(self.model.family, self.stage, job)
+        check_condition(job.condition_latents, job.condition_shapes, job.options, inputs, self.limits)
+        check_embeddings(job.prompt_embeds, "prompt_embeds", "prompt", inputs)
+        if job.negative_embeds is not None:
+            check_embeddings(job.negative_embeds, "negative_embeds", "negative_prompt", inputs)
 
 
 async def _none() -> None:
@@ -176,9 +221,11 @@ def _progress(stage: int, **fields) -> denoiser_pb2.DenoiseEvent:
 
 def make_service(args: argparse.Namespace) -> Service:
     servicer = DenoiserServicer(args, HostedModel.from_args(args))  # a bad folder fails before the port opens
-    return Service(
+    servicer.service = Service(
         name=SERVICE,
         register=lambda server: denoiser_pb2_grpc.add_DenoiserServiceServicer_to_server(servicer, server),
         prepare=servicer.prepare,
         close=servicer.close,
+        max_receive_bytes=args.max_message_bytes,
     )
+    return servicer.service

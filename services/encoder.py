@@ -1,19 +1,26 @@
-"""EncoderService: prompts (and edit images) -> embeddings, cached under content keys (Redis or an LRU)."""
+"""EncoderService: prompts (and edit images) -> embeddings, cached under content keys (Redis or an LRU).
+
+Its requests are checked as the gateway checks them (prompt length, sequence length, images: count, bytes,
+formats, pixels, geometry), and an encode nobody waits for any more is dropped before it starts.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import time
+from collections.abc import Callable
 
 from common.cache import EmbeddingKey, LruBytes, RedisStore, image_digests
-from common.errors import InvalidArgument
-from common.images import decode_image
+from common.families.inputs import decode_inputs
+from common.options import check_int, check_text
 from common.serving import metrics
 from common.serving.config import redis_password
 from common.serving.embeddings import TENSOR_NAME, EmbeddingCache
 from common.serving.handlers import in_executor, require_ready, rpc
 from common.serving.hosting import HostedModel, compute_thread
 from common.serving.server import Service
+from common.validation import check_image_blobs, limits_from_args
 from common.wire import pack
 from imagegen.v1 import encoder_pb2, encoder_pb2_grpc
 
@@ -24,6 +31,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     def __init__(self, args: argparse.Namespace, model: HostedModel) -> None:
         self.args = args
         self.model = model
+        self.limits = limits_from_args(args)
         self.executor = compute_thread("encoder")
         self.stage = None
         self.cache: EmbeddingCache | None = None
@@ -49,14 +57,11 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     @rpc(SERVICE)
     async def Encode(self, request: encoder_pb2.EncodeRequest, context) -> encoder_pb2.EncodeResponse:
         require_ready(self.cache is not None, "encoder")
-        defaults = self.model.family.defaults
-        if not 1 <= request.max_sequence_length <= defaults.max_sequence_length_limit:
-            limit = defaults.max_sequence_length_limit
-            raise InvalidArgument("max_sequence_length", f"must be between 1 and {limit}")
-        if not defaults.min_images <= len(request.images) <= defaults.max_images:
-            raise InvalidArgument(
-                "images", f"{self.model.family.name} takes {defaults.min_images}-{defaults.max_images}"
-            )
+        family = self.model.family
+        check_text("prompt", request.prompt, self.limits)
+        check_int("max_sequence_length", request.max_sequence_length, 1, family.defaults.max_sequence_length_limit)
+        check_image_blobs(request.images, family.defaults, family.name, self.limits)
+        digests = await asyncio.to_thread(image_digests, request.images)  # hashing MBs: off the loop
         key = EmbeddingKey(
             model_id=self.info.model_id,
             revision=self.info.revision,
@@ -65,17 +70,18 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             device_type=self.model.device_type,
             prompt=request.prompt,
             max_sequence_length=request.max_sequence_length,
-            image_digests=image_digests(request.images),
+            image_digests=digests,
         )
 
-        async def compute() -> bytes:
-            return await in_executor(self.executor, self._encode, request)
+        async def compute(abandoned: Callable[[], bool]) -> bytes:
+            return await in_executor(self.executor, self._encode, request, abandoned, unwanted=abandoned)
 
         embeddings, hit = await self.cache.get_or_compute(str(key), request.inline, compute)
         return encoder_pb2.EncodeResponse(embeddings=embeddings, cache_hit=hit)
 
-    def _encode(self, request: encoder_pb2.EncodeRequest) -> bytes:
-        images = [decode_image(data, f"images[{i}]") for i, data in enumerate(request.images)]
+    def _encode(self, request: encoder_pb2.EncodeRequest, abandoned: Callable[[], bool]) -> bytes:
+        family = self.model.family
+        images = decode_inputs(request.images, family, self.limits, abandoned) if request.images else []
         start = time.monotonic()
         metrics.TEXT_ENCODER_CALLS.inc()
         embeds = self.stage.encode(request.prompt, images, request.max_sequence_length)
@@ -90,4 +96,5 @@ def make_service(args: argparse.Namespace) -> Service:
         register=lambda server: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(servicer, server),
         prepare=servicer.prepare,
         close=servicer.close,
+        max_receive_bytes=args.max_message_bytes,
     )

@@ -34,16 +34,6 @@ def gateway_flags(parser: argparse.ArgumentParser) -> None:
     )
     add_flag(parser, "--default-model", "IMAGEGEN_DEFAULT_MODEL", None, "model for requests naming none")
     add_flag(parser, "--api-keys-file", "IMAGEGEN_API_KEYS_FILE", None, "one key per line; unset: no auth")
-    limits = (
-        ("--max-side", "IMAGEGEN_MAX_SIDE", 4096, "largest width or height"),
-        ("--max-steps", "IMAGEGEN_MAX_STEPS", 200, "most denoising steps"),
-        ("--max-images", "IMAGEGEN_MAX_IMAGES", 8, "most input images, and most output images, per request"),
-        ("--max-prompt-chars", "IMAGEGEN_MAX_PROMPT_CHARS", 8192, "longest prompt or negative prompt"),
-        ("--max-input-bytes", "IMAGEGEN_MAX_INPUT_BYTES", 32 << 20, "largest input image file"),
-        ("--max-input-pixels", "IMAGEGEN_MAX_INPUT_PIXELS", 64 << 20, "most pixels of a decoded input image"),
-    )
-    for flag, env, default, help in limits:
-        add_flag(parser, flag, env, default, help, type=positive_int)
 
 
 def encoder_flags(parser: argparse.ArgumentParser) -> None:

@@ -6,34 +6,26 @@ import argparse
 
 import grpc
 
-from common.options import Limits
 from common.serving.auth import ApiKeys
-from common.serving.channels import Deadline, RetryPolicy
-from common.serving.gateway import Gateway, GatewayLimits
+from common.serving.gateway import Gateway
 from common.serving.handlers import rpc
+from common.serving.retry import Deadline, RetryPolicy
 from common.serving.routes import RouteTable, parse_routes
 from common.serving.server import Service
 from common.serving.status import RpcFailure
 from common.serving.tls import TlsConfig
+from common.validation import limits_from_args
 from imagegen.v1 import image_service_pb2, image_service_pb2_grpc
 
 SERVICE = "imagegen.v1.ImageService"
 
 
-def limits_from_args(args: argparse.Namespace) -> GatewayLimits:
-    options = Limits(
-        max_side=args.max_side,
-        max_steps=args.max_steps,
-        max_images_per_request=args.max_images,
-        max_prompt_chars=args.max_prompt_chars,
-    )
-    return GatewayLimits(options, args.max_input_bytes, args.max_input_pixels)
-
-
 class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
-    def __init__(self, gateway: Gateway, keys: ApiKeys | None) -> None:
+    def __init__(self, gateway: Gateway, keys: ApiKeys | None, policy: RetryPolicy, default_timeout: float) -> None:
         self.gateway = gateway
         self.keys = keys
+        self.policy = policy
+        self.default_timeout = default_timeout
 
     def _authenticate(self, context) -> None:
         if self.keys is not None:
@@ -41,8 +33,10 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
 
     async def _events(self, request, context, images, progress: bool = True):
         self._authenticate(context)
-        job = await self.gateway.validate(request, images)
-        async for event in self.gateway.run(job, Deadline(context.time_remaining()), progress):
+        # One budget for every stage call of this request, within its deadline (or the server's default).
+        budget = self.policy.budget(Deadline.within(context.time_remaining(), self.default_timeout))
+        job = await self.gateway.validate(request, images, budget)
+        async for event in self.gateway.run(job, budget, progress):
             yield event
 
     async def _unary(self, request, context, images) -> image_service_pb2.ImageResponse:
@@ -103,8 +97,9 @@ def make_service(args: argparse.Namespace, tls: TlsConfig) -> Service:
         table = {args.default_model: {"encoder": args.encoder, "denoiser": args.denoiser, "vae": args.vae}}
     keys = ApiKeys(args.api_keys_file) if args.api_keys_file else None
     limits = limits_from_args(args)
-    routes = RouteTable(table, args.default_model, tls, RetryPolicy())
-    servicer = ImageServicer(Gateway(routes, limits), keys)
+    policy = RetryPolicy()
+    routes = RouteTable(table, args.default_model, tls, policy, args.max_message_bytes)
+    servicer = ImageServicer(Gateway(routes, limits), keys, policy, args.default_timeout)
     return Service(
         name=SERVICE,
         register=lambda server: image_service_pb2_grpc.add_ImageServiceServicer_to_server(servicer, server),

@@ -1,29 +1,36 @@
-"""VaeService: edit images -> condition latents; final latents -> images in the requested output format."""
+"""VaeService: edit images -> condition latents; final latents -> images in the requested output format.
+
+Its requests are checked as the gateway checks them: edit images by count, bytes, formats, pixels and
+geometry; latents by dtype, finiteness and exact shape for the size asked; the response size before decoding.
+Work whose caller has gone is dropped before it starts.
+"""
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
-from common.errors import InvalidArgument
-from common.images import decode_image, to_float_array
+from common.families.inputs import decode_inputs, latent_shape
+from common.images import to_float_array
 from common.outputs import encode_array
 from common.serving import metrics
 from common.serving.convert import format_name, grids_to_proto
-from common.serving.handlers import in_executor, require_ready, rpc
+from common.serving.handlers import Caller, in_executor, require_ready, rpc
 from common.serving.hosting import HostedModel, compute_thread
 from common.serving.server import Service
-from common.wire import pack, unpack
+from common.validation import check_image_blobs, check_latents, check_response_size, check_size, limits_from_args
+from common.wire import LATENTS, pack, unpack
 from imagegen.v1 import common_pb2, denoiser_pb2, vae_pb2, vae_pb2_grpc
 
 SERVICE = "imagegen.v1.VaeService"
-LATENTS = "latents"
-LATENT_CHANNELS, VAE_SCALE = 16, 8  # both families
 
 
 class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
-    def __init__(self, model: HostedModel) -> None:
+    def __init__(self, args: argparse.Namespace, model: HostedModel) -> None:
         self.model = model
+        self.limits = limits_from_args(args)
+        self.default_timeout = args.default_timeout
         self.executor = compute_thread("vae")
         self.stage = None
 
@@ -43,16 +50,16 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
     @rpc(SERVICE)
     async def EncodeCondition(self, request: vae_pb2.EncodeConditionRequest, context) -> denoiser_pb2.ConditionLatents:
         require_ready(self.stage is not None, "vae")
-        defaults = self.model.family.defaults
-        if not self.model.family.takes_images or not defaults.min_images <= len(request.images) <= defaults.max_images:
-            raise InvalidArgument(
-                "images", f"{self.model.family.name} takes {defaults.min_images}-{defaults.max_images}"
-            )
-        latents, shapes = await in_executor(self.executor, self._encode, list(request.images))
+        family = self.model.family
+        check_image_blobs(request.images, family.defaults, family.name, self.limits)
+        caller = Caller(context, self.default_timeout)
+        latents, shapes = await in_executor(
+            self.executor, self._encode, request.images, caller.gone, unwanted=caller.gone
+        )
         return denoiser_pb2.ConditionLatents(safetensors=latents, shapes=grids_to_proto(shapes))
 
-    def _encode(self, images: list[bytes]) -> tuple[bytes, list[tuple[int, int, int]]]:
-        pil = [decode_image(data, f"images[{i}]") for i, data in enumerate(images)]
+    def _encode(self, images, gone: Callable[[], bool]) -> tuple[bytes, list[tuple[int, int, int]]]:
+        pil = decode_inputs(images, self.model.family, self.limits, gone)
         start = time.monotonic()
         latents, shapes = self.stage.encode_condition(pil)
         metrics.STAGE_SECONDS.labels("vae_encode").observe(time.monotonic() - start)
@@ -63,17 +70,19 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         require_ready(self.stage is not None, "vae")
         fmt = format_name(request.output_format)
         width, height = request.width, request.height
-        for name, value in (("width", width), ("height", height)):
-            if value < 16 or value % 16:
-                raise InvalidArgument(name, f"must be a positive multiple of 16, got {value}")
-        latents = unpack(request.latents, LATENTS, "latents")
-        per_image = LATENT_CHANNELS * (height // VAE_SCALE) * (width // VAE_SCALE)
-        if latents.dim() not in (3, 4) or latents.numel() != latents.shape[0] * per_image:
-            raise InvalidArgument("latents", f"shape {tuple(latents.shape)} does not fit {width}x{height} images")
-        blobs = await in_executor(self.executor, self._decode, latents, width, height, fmt)
+        check_size(width, height, self.limits)
+        caller = Caller(context, self.default_timeout)
+        latents = await in_executor(self.executor, unpack, request.latents, LATENTS, "latents", unwanted=caller.gone)
+        per_image = latent_shape(self.model.family, self.stage, width, height)
+        count = check_latents(latents, per_image, width, height, self.limits)
+        check_response_size(count, width, height, fmt, self.limits)
         value = request.output_format or common_pb2.OUTPUT_FORMAT_PNG
-        images = [common_pb2.EncodedImage(data=b, format=value, width=width, height=height) for b in blobs]
-        return vae_pb2.DecodeResponse(images=images)
+        response = vae_pb2.DecodeResponse()
+        blobs = await in_executor(self.executor, self._decode, latents, width, height, fmt, unwanted=caller.gone)
+        del latents
+        for blob in blobs:
+            response.images.add(data=blob, format=value, width=width, height=height)
+        return response
 
     def _decode(self, latents, width: int, height: int, fmt: str) -> list[bytes]:
         start = time.monotonic()
@@ -83,10 +92,11 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
 
 
 def make_service(args: argparse.Namespace) -> Service:
-    servicer = VaeServicer(HostedModel.from_args(args))  # a bad folder fails before the port opens
+    servicer = VaeServicer(args, HostedModel.from_args(args))  # a bad folder fails before the port opens
     return Service(
         name=SERVICE,
         register=lambda server: vae_pb2_grpc.add_VaeServiceServicer_to_server(servicer, server),
         prepare=servicer.prepare,
         close=servicer.close,
+        max_receive_bytes=args.max_message_bytes,
     )

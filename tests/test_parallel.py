@@ -166,7 +166,7 @@ def test_failed_rank_fails_the_group_fast(tmp_path, fault: str) -> None:
     command = [sys.executable, "-m", "imagegen.cli", "generate", "--family", "qwen-image", "--prompt", "x"]
     command += ["--width", "64", "--height", "64", "--steps", "4", "--sp", "2", "--collective-timeout", "20"]
     command += ["--output", str(out)]
-    env = {**os.environ, "IMAGEGEN_FAULT_INJECT": f"1:2:{fault}"}
+    env = {**os.environ, "IMAGEGEN_FAULT_INJECT": f"1:2:{fault}", "IMAGEGEN_TESTING": "1"}
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode != 0
     assert not out.exists()

@@ -20,14 +20,25 @@ from common.errors import Cancelled, InvalidArgument
 from common.outputs import decode_output, encode_array, to_uint8
 from common.serving import metrics
 from common.serving.auth import ApiKeys
-from common.serving.channels import CHANNEL_OPTIONS, Deadline, RetryPolicy, call_with_retries
-from common.serving.config import ConfigError, add_common_flags
+from common.serving.channels import call_with_retries
+from common.serving.config import ConfigError, add_common_flags, bind_host
 from common.serving.embeddings import EmbeddingCache, load_embeddings
 from common.serving.handlers import QueueFull, rpc
 from common.serving.jobs import JobQueue
+from common.serving.retry import Deadline, RetryPolicy
 from common.serving.routes import parse_routes
-from common.serving.status import EMBEDDINGS_MISSING, QUEUE_FULL, RpcFailure, parse_error
+from common.serving.status import (
+    EMBEDDINGS_MISSING,
+    QUEUE_FULL,
+    RETRIES_EXHAUSTED,
+    ErrorDetails,
+    RpcFailure,
+    invalid_argument,
+    parse_error,
+    with_reason,
+)
 from common.serving.tls import TlsConfig
+from common.serving.transport import client_options
 from common.wire import pack, unpack
 from imagegen.v1 import encoder_pb2, encoder_pb2_grpc
 
@@ -96,7 +107,8 @@ def redis(tmp_path):
 
 
 def _counting_compute(calls: list, value: bytes = b"tensor-bytes"):
-    async def compute() -> bytes:
+    async def compute(abandoned) -> bytes:
+        assert not abandoned()  # a waiting caller wants it
         calls.append(1)
         await asyncio.sleep(0.05)
         return value
@@ -221,8 +233,14 @@ def test_job_queue_positions_capacity_cancel_and_deadline():
 class _Failing(encoder_pb2_grpc.EncoderServiceServicer):
     """Raises what the prompt names, through the same wrapper every service uses."""
 
+    def __init__(self) -> None:
+        self.starting = 2  # answers to prompt "starting" that are UNAVAILABLE, as a stage still loading
+
     @rpc("test.Failing")
     async def Encode(self, request, context):
+        if request.prompt == "starting" and self.starting:
+            self.starting -= 1
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "encoder is still starting")
         errors = {
             "invalid": InvalidArgument("max_sequence_length", "too long"),
             "full": QueueFull("queue is full"),
@@ -272,7 +290,7 @@ def test_handler_maps_exceptions_to_statuses_and_keeps_serving():
     assert bad_id.field_violations[0][0] == "request_id"
 
 
-def test_unary_calls_retry_on_unavailable_until_the_backend_comes_up():
+def test_internal_calls_wait_for_a_late_backend_and_retry_while_it_starts():
     async def scenario():
         port = free_port()
         before = metrics.BACKEND_RETRIES.labels("late")._value.get()
@@ -282,17 +300,19 @@ def test_unary_calls_retry_on_unavailable_until_the_backend_comes_up():
             await asyncio.sleep(0.3)
             started.append(await _serve(_Failing(), port))
 
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=client_options()) as channel:
             stub = encoder_pb2_grpc.EncoderServiceStub(channel)
             starter = asyncio.create_task(start_late())
             policy = RetryPolicy(attempts=20, initial_backoff=0.05, max_backoff=0.1)
-            reply = await call_with_retries(stub.Encode, encoder_pb2.EncodeRequest(), "late", Deadline(10), policy)
-            assert reply.cache_hit
+            # Nothing listens yet: the call waits for the backend instead of failing.
+            request = encoder_pb2.EncodeRequest(prompt="starting")
+            reply = await call_with_retries(stub.Encode, request, "late", policy.budget(Deadline(10)))
+            assert reply.cache_hit and started
             retries = metrics.BACKEND_RETRIES.labels("late")._value.get() - before
             # Other errors are final at once.
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await call_with_retries(
-                    stub.Encode, encoder_pb2.EncodeRequest(prompt="invalid"), "late", Deadline(10), policy
+                    stub.Encode, encoder_pb2.EncodeRequest(prompt="invalid"), "late", policy.budget(Deadline(10))
                 )
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert metrics.BACKEND_RETRIES.labels("late")._value.get() - before == retries
@@ -300,7 +320,59 @@ def test_unary_calls_retry_on_unavailable_until_the_backend_comes_up():
         await started[0].stop(0)
         return retries
 
-    assert asyncio.run(scenario()) >= 1
+    # The two "still starting" answers were retried, drawing on one budget.
+    assert asyncio.run(scenario()) == 2
+
+
+def test_one_retry_budget_per_request_and_no_retry_of_what_was_retried():
+    budget = RetryPolicy(attempts=3, initial_backoff=0.0, max_backoff=0.0).budget(Deadline(10))
+    unavailable = ErrorDetails(grpc.StatusCode.UNAVAILABLE, "down")
+    # Every call of the request draws on the same attempts: two retries, then final.
+    assert [budget.delay(unavailable) for _ in range(3)] == [0.0, 0.0, None]
+    fresh = RetryPolicy().budget(Deadline(10))
+    assert fresh.delay(ErrorDetails(grpc.StatusCode.INVALID_ARGUMENT, "bad")) is None
+    assert fresh.delay(ErrorDetails(grpc.StatusCode.RESOURCE_EXHAUSTED, "oom")) is None
+    assert fresh.delay(ErrorDetails(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", retry_delay=0.5)) >= 0.5
+    # A full queue is retried only a few times per request (busy_retries), whatever the attempts left.
+    full = ErrorDetails(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", retry_delay=0.0)
+    busy = RetryPolicy(busy_retries=2).budget(Deadline(10))
+    assert [busy.delay(full) is not None for _ in range(3)] == [True, True, False]
+    # The gateway marks what it gave up on, and the SDK's policy does not retry that again: a full queue keeps
+    # its reason but loses its retry hint, an unavailable stage says RETRIES_EXHAUSTED.
+    failure = fresh.failure(_rpc_error(with_reason(grpc.StatusCode.RESOURCE_EXHAUSTED, QUEUE_FULL, "full", 1.0)))
+    info = parse_error(_rpc_error(failure))
+    assert (info.code, info.reason, info.retry_delay) == (grpc.StatusCode.RESOURCE_EXHAUSTED, QUEUE_FULL, None)
+    assert RetryPolicy().budget(Deadline(10)).delay(info) is None
+    gone = parse_error(_rpc_error(fresh.failure(_rpc_error(RpcFailure(grpc.StatusCode.UNAVAILABLE, "down")))))
+    assert (gone.code, gone.reason) == (grpc.StatusCode.UNAVAILABLE, RETRIES_EXHAUSTED)
+    assert RetryPolicy().budget(Deadline(10)).delay(gone) is None
+    # A retry that would end after the deadline is not made.
+    assert RetryPolicy().budget(Deadline(0.0)).delay(unavailable) is None
+    # Final errors that were never retryable are relayed as they are.
+    relayed = parse_error(_rpc_error(fresh.failure(_rpc_error(invalid_argument("width", "odd")))))
+    assert (relayed.code, relayed.reason, relayed.field_violations) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        None,
+        [("width", "odd")],
+    )
+
+
+class _StatusError(grpc.RpcError):
+    def __init__(self, failure: RpcFailure) -> None:
+        self._status = failure.to_status()
+
+    def code(self):
+        return self._status.code
+
+    def details(self):
+        return self._status.details
+
+    def trailing_metadata(self):
+        return self._status.trailing_metadata
+
+
+def _rpc_error(failure: RpcFailure) -> grpc.RpcError:
+    return _StatusError(failure)
 
 
 # ------------------------------------------------------------------------------------------- auth and config
@@ -328,7 +400,10 @@ def test_flags_read_the_environment_and_flags_win(monkeypatch):
     parser = argparse.ArgumentParser()
     add_common_flags(parser, port=50052, metrics_port=9101)
     from_env = parser.parse_args([])
-    assert (from_env.port, from_env.grace_period, from_env.metrics_port, from_env.host) == (6000, 5.0, 9101, "0.0.0.0")
+    assert (from_env.port, from_env.grace_period, from_env.metrics_port, from_env.host) == (6000, 5.0, 9101, None)
+    # Unset --host: the public gateway listens everywhere, the internal stages on loopback only.
+    assert (bind_host(None, public=True), bind_host(None, public=False)) == ("0.0.0.0", "127.0.0.1")
+    assert bind_host("10.1.2.3", public=False) == "10.1.2.3"
     assert parser.parse_args(["--port", "7000"]).port == 7000
     monkeypatch.setenv("IMAGEGEN_PORT", "not-a-port")
     parser = argparse.ArgumentParser()

@@ -89,7 +89,8 @@ def local_group(
     """Yield rank 0's `GroupDenoiser` of a P x C group on this machine; stop every rank on exit.
 
     A rank that dies or hangs makes the next collective on rank 0 fail (a closed connection, or the collective
-    timeout); that error is re-raised as `GroupError` naming the failed rank where known.
+    timeout); `GroupDenoiser.run` raises that as `GroupError`, naming the failed rank where known, and the
+    workers of a broken group are killed on exit instead of being asked to stop.
     """
     check_sp_degree(sp, transformer_heads(model))
     parse_dtype(dtype)
@@ -113,20 +114,20 @@ def local_group(
     workers = _Workers(processes)
     os.environ.update({**rendezvous, "RANK": "0", "LOCAL_RANK": "0"})
     group = None
-    graceful = False
+    runner = None
     try:
         try:
             group, denoiser = join_group(model, sp, cfg_parallel, dtype, device.type, timeout_s)
-            runner = GroupDenoiser(group, denoiser)
+            runner = GroupDenoiser(group, denoiser, lambda: workers.failure)
             yield runner
             runner.close()
-            graceful = True
-        except RuntimeError as exc:  # torch.distributed errors, including collective timeouts
+        except RuntimeError as exc:  # torch.distributed errors while forming the group
             raise GroupError(f"denoiser group failed: {workers.failure or exc}") from exc
     finally:
-        workers.stop(graceful)
-        if group is not None:
-            group.close()
+        healthy = runner is not None and runner.closed and not runner.broken
+        workers.stop(graceful=healthy)
+        if group is not None and healthy:
+            group.close()  # a broken group's teardown could wait on dead peers: the process exits instead
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -170,9 +171,10 @@ def group_denoiser(
             yield runner
         return
     group, denoiser = join_group(model, sp, cfg_parallel, dtype, device, timeout_s)
+    runner = GroupDenoiser(group, denoiser)
     try:
-        runner = GroupDenoiser(group, denoiser)
         yield runner
         runner.close()
     finally:
-        group.close()
+        if runner.closed and not runner.broken:
+            group.close()

@@ -60,6 +60,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -67,8 +74,19 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+PUBLIC_HOST, INTERNAL_HOST = "0.0.0.0", "127.0.0.1"
+
+
+def bind_host(host: str | None, public: bool) -> str:
+    """--host, else every interface for the public gateway and loopback for the internal stages (which take
+    unauthenticated work: exposing them is a decision, e.g. the Helm chart's pod address)."""
+    return host or (PUBLIC_HOST if public else INTERNAL_HOST)
+
+
 def add_common_flags(parser: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
-    add_flag(parser, "--host", "IMAGEGEN_HOST", "0.0.0.0", "bind address")
+    add_flag(
+        parser, "--host", "IMAGEGEN_HOST", None, "bind address; unset: 0.0.0.0 for the gateway, 127.0.0.1 otherwise"
+    )
     add_flag(parser, "--port", "IMAGEGEN_PORT", port, "gRPC port", type=non_negative_int)
     add_flag(
         parser,
@@ -115,12 +133,38 @@ def add_common_flags(parser: argparse.ArgumentParser, port: int, metrics_port: i
     )
     add_flag(
         parser,
+        "--default-timeout",
+        "IMAGEGEN_DEFAULT_TIMEOUT",
+        600.0,
+        "seconds a request may take when its caller set no deadline",
+        type=positive_float,
+    )
+    add_limit_flags(parser)
+    add_flag(
+        parser,
         "--torch-threads",
         "IMAGEGEN_TORCH_THREADS",
         0,
         "torch intra-op threads (pin it for bit-reproducible CPU results); 0 keeps torch's default",
         type=non_negative_int,
     )
+
+
+def add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """Request limits: the gateway checks public requests against them, the stages their internal ones."""
+    limits = (
+        ("--max-side", "IMAGEGEN_MAX_SIDE", 4096, "largest width or height"),
+        ("--max-steps", "IMAGEGEN_MAX_STEPS", 200, "most denoising steps"),
+        ("--max-images", "IMAGEGEN_MAX_IMAGES", 8, "most input images, and most output images, per request"),
+        ("--max-request-pixels", "IMAGEGEN_MAX_REQUEST_PIXELS", 64 << 20, "most num_images x width x height"),
+        ("--max-response-bytes", "IMAGEGEN_MAX_RESPONSE_BYTES", 512 << 20, "largest response (estimated up front)"),
+        ("--max-prompt-chars", "IMAGEGEN_MAX_PROMPT_CHARS", 8192, "longest prompt or negative prompt"),
+        ("--max-input-bytes", "IMAGEGEN_MAX_INPUT_BYTES", 32 << 20, "largest input image file"),
+        ("--max-input-pixels", "IMAGEGEN_MAX_INPUT_PIXELS", 64 << 20, "most pixels of a decoded input image"),
+        ("--max-message-bytes", "IMAGEGEN_MAX_MESSAGE_BYTES", 512 << 20, "largest internal gRPC message"),
+    )
+    for flag, env, default, help in limits:
+        add_flag(parser, flag, env, default, help, type=positive_int)
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:

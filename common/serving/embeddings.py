@@ -23,15 +23,28 @@ from imagegen.v1 import encoder_pb2
 TENSOR_NAME = "embeds"
 
 
+Compute = Callable[[Callable[[], bool]], Awaitable[bytes]]  # given "is it still wanted?", the tensor's bytes
+
+
+class _Flight:
+    """One encode shared by every concurrent request for its key."""
+
+    def __init__(self, compute: Compute) -> None:
+        self.waiters = 0
+        self.task = asyncio.ensure_future(compute(self.abandoned))
+
+    def abandoned(self) -> bool:
+        """Every request that wanted it has gone (read from the compute thread: a plain int read)."""
+        return self.waiters == 0
+
+
 class EmbeddingCache:
     def __init__(self, store: RedisStore | None, lru: LruBytes) -> None:
         self.store = store
         self.lru = lru
-        self._inflight: dict[str, asyncio.Future[bytes]] = {}  # key -> the encode running for it
+        self._inflight: dict[str, _Flight] = {}  # key -> the encode running for it
 
-    async def get_or_compute(
-        self, key: str, inline: bool, compute: Callable[[], Awaitable[bytes]]
-    ) -> tuple[encoder_pb2.Embeddings, bool]:
+    async def get_or_compute(self, key: str, inline: bool, compute: Compute) -> tuple[encoder_pb2.Embeddings, bool]:
         """Embeddings for `key` (a cache key or inline bytes) and whether it was a hit."""
         shared_ok = self.store is not None
         if self.store is not None:
@@ -70,14 +83,18 @@ class EmbeddingCache:
             metrics.CACHE_INLINE_FALLBACKS.labels("encoder").inc()
         return encoder_pb2.Embeddings(safetensors=data), False
 
-    async def _single_flight(self, key: str, compute: Callable[[], Awaitable[bytes]]) -> bytes:
-        """Concurrent requests for one key share one encode, which finishes even if its first caller leaves."""
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.ensure_future(compute())
-            self._inflight[key] = task
-            task.add_done_callback(lambda done: self._finished(key, done))
-        return await asyncio.shield(task)
+    async def _single_flight(self, key: str, compute: Compute) -> bytes:
+        """Concurrent requests for one key share one encode, which finishes even if its first caller leaves;
+        it is dropped only when every caller has (before it starts)."""
+        flight = self._inflight.get(key)
+        if flight is None:
+            flight = self._inflight[key] = _Flight(compute)
+            flight.task.add_done_callback(lambda done: self._finished(key, done))
+        flight.waiters += 1
+        try:
+            return await asyncio.shield(flight.task)
+        finally:
+            flight.waiters -= 1
 
     def _finished(self, key: str, task: asyncio.Future) -> None:
         self._inflight.pop(key, None)

@@ -2,8 +2,11 @@
 VAE decode, relaying progress.
 
 Validation happens before any backend is called: every field through `resolve_for` with the configured
-limits, input images by count, bytes and pixels (decoded here, so a decompression bomb or a corrupt file is
-the caller's INVALID_ARGUMENT, never a backend's crash).
+limits, input images by count, bytes, pixels and geometry (decoded here, so a decompression bomb or a corrupt
+file is the caller's INVALID_ARGUMENT, never a backend's crash), and the response size.
+
+Every stage call of one request draws on one `RetryBudget`: it waits for a ready stage and retries within the
+request's deadline, so a stage restart costs the caller time, not a failure.
 """
 
 from __future__ import annotations
@@ -14,42 +17,22 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 
 import grpc
-import PIL.Image
 
-from common.errors import InvalidArgument
-from common.images import decode_image
+from common.families.inputs import decode_inputs
 from common.options import Limits, ResolvedOptions
 from common.pipeline import resolve_for
 from common.serving import metrics
-from common.serving.channels import Deadline, RetryPolicy, call_with_retries
+from common.serving.channels import call_with_retries
 from common.serving.convert import format_name, request_options, resolved_to_proto
 from common.serving.handlers import current_request_id
+from common.serving.retry import RetryBudget
 from common.serving.routes import Route, RouteTable
-from common.serving.status import EMBEDDINGS_MISSING, RpcFailure, parse_error, relay
+from common.serving.status import EMBEDDINGS_MISSING, RpcFailure, parse_error
+from common.validation import check_response_size
 from imagegen.v1 import common_pb2, denoiser_pb2, encoder_pb2, image_service_pb2, vae_pb2
 
 log = logging.getLogger("imagegen.gateway")
 Event = common_pb2.Progress | image_service_pb2.ImageResponse
-
-
-@dataclass(frozen=True)
-class GatewayLimits:
-    options: Limits = Limits()
-    max_input_bytes: int = 32 << 20
-    max_input_pixels: int = 64 << 20
-
-    @property
-    def max_images(self) -> int:
-        return self.options.max_images_per_request
-
-
-def decode_inputs(images: Sequence[bytes], limits: GatewayLimits) -> list[PIL.Image.Image]:
-    if len(images) > limits.max_images:
-        raise InvalidArgument("images", f"at most {limits.max_images} input images, got {len(images)}")
-    for index, data in enumerate(images):
-        if len(data) > limits.max_input_bytes:
-            raise InvalidArgument(f"images[{index}]", f"is {len(data)} bytes; the limit is {limits.max_input_bytes}")
-    return [decode_image(data, f"images[{i}]", limits.max_input_pixels) for i, data in enumerate(images)]
 
 
 @dataclass
@@ -59,34 +42,33 @@ class Job:
     request_id: str
     route: Route
     resolved: ResolvedOptions
-    images: list[bytes]
+    images: Sequence[bytes]
     output_format: int
 
 
 class Gateway:
-    def __init__(self, routes: RouteTable, limits: GatewayLimits, policy: RetryPolicy = RetryPolicy()) -> None:
+    def __init__(self, routes: RouteTable, limits: Limits) -> None:
         self.routes = routes
         self.limits = limits
-        self.policy = policy
 
-    async def validate(self, request, images: Sequence[bytes]) -> Job:
-        output_format = request.output_format
-        format_name(output_format)
-        route, family = await self.routes.get(request.model)
+    async def validate(self, request, images: Sequence[bytes], budget: RetryBudget) -> Job:
+        fmt = format_name(request.output_format)
+        route, family = await self.routes.get(request.model, budget)
         options = request_options(request)
-        pil_images = await asyncio.to_thread(decode_inputs, images, self.limits) if images else []
-        resolved = resolve_for(family, options, pil_images, self.limits.options)
-        return Job(current_request_id(), route, resolved, list(images), output_format)
+        pil_images = await asyncio.to_thread(decode_inputs, images, family, self.limits) if images else []
+        resolved = resolve_for(family, options, pil_images, self.limits)
+        check_response_size(resolved.num_images, resolved.width, resolved.height, fmt, self.limits)
+        return Job(current_request_id(), route, resolved, images, request.output_format)
 
-    async def run(self, job: Job, deadline: Deadline, progress: bool = True) -> AsyncIterator[Event]:
+    async def run(self, job: Job, budget: RetryBudget, progress: bool = True) -> AsyncIterator[Event]:
         """Progress messages, then the response. Without `progress` the denoiser sends no per-step events (a
         unary caller would drop them)."""
         yield self._progress(common_pb2.STAGE_ENCODING)
         inline = not job.route.denoiser_reads_cache
         prompt, negative, condition = await _all(
-            self._encode(job, job.resolved.prompt, inline, deadline),
-            self._encode(job, job.resolved.negative_prompt, inline, deadline),
-            self._encode_condition(job, deadline),
+            self._encode(job, job.resolved.prompt, inline, budget),
+            self._encode(job, job.resolved.negative_prompt, inline, budget),
+            self._encode_condition(job, budget),
         )
         request = denoiser_pb2.DenoiseRequest(
             request_id=job.request_id,
@@ -97,41 +79,44 @@ class Gateway:
             progress=progress,
         )
         latents = None
-        async for item in self._denoise_relayed(job, request, deadline):
+        async for item in self._denoise_relayed(job, request, budget):
             if isinstance(item, bytes):
                 latents = item
             else:
                 yield item
         if latents is None:
             raise RpcFailure(grpc.StatusCode.INTERNAL, "denoiser: stream ended without latents")
+        del request  # its embeddings are no longer needed while the images are decoded
         yield self._progress(common_pb2.STAGE_DECODING)
-        decoded = await self._call(
-            job.route.vae.Decode,
-            vae_pb2.DecodeRequest(
-                request_id=job.request_id,
-                latents=latents,
-                width=job.resolved.width,
-                height=job.resolved.height,
-                output_format=job.output_format,
-            ),
-            "vae",
-            deadline,
+        decode = vae_pb2.DecodeRequest(
+            request_id=job.request_id,
+            latents=latents,
+            width=job.resolved.width,
+            height=job.resolved.height,
+            output_format=job.output_format,
         )
-        yield image_service_pb2.ImageResponse(
-            request_id=job.request_id, model=job.route.name, seed=job.resolved.seed, images=decoded.images
+        del latents
+        decoded = await self._call(job.route.vae.Decode, decode, "vae", budget)
+        del decode
+        response = image_service_pb2.ImageResponse(
+            request_id=job.request_id, model=job.route.name, seed=job.resolved.seed
         )
+        response.images.extend(decoded.images)
+        del decoded  # one copy of the images from here on
+        yield response
 
     @staticmethod
     def _progress(stage: int, **fields) -> common_pb2.Progress:
         return common_pb2.Progress(stage=stage, request_id=current_request_id(), **fields)
 
-    async def _call(self, method, request, backend: str, deadline: Deadline):
+    @staticmethod
+    async def _call(method, request, backend: str, budget: RetryBudget):
         try:
-            return await call_with_retries(method, request, backend, deadline, self.policy)
+            return await call_with_retries(method, request, backend, budget)
         except grpc.aio.AioRpcError as error:
-            raise relay(error, f"{backend}: ") from error
+            raise budget.failure(error, f"{backend}: ") from error
 
-    async def _encode(self, job: Job, prompt: str | None, inline: bool, deadline: Deadline):
+    async def _encode(self, job: Job, prompt: str | None, inline: bool, budget: RetryBudget):
         if prompt is None:
             return None
         request = encoder_pb2.EncodeRequest(
@@ -141,50 +126,50 @@ class Gateway:
             images=job.images,
             inline=inline,
         )
-        return (await self._call(job.route.encoder.Encode, request, "encoder", deadline)).embeddings
+        return (await self._call(job.route.encoder.Encode, request, "encoder", budget)).embeddings
 
-    async def _encode_condition(self, job: Job, deadline: Deadline):
+    async def _encode_condition(self, job: Job, budget: RetryBudget):
         if not job.images:
             return None
         request = vae_pb2.EncodeConditionRequest(request_id=job.request_id, images=job.images)
-        return await self._call(job.route.vae.EncodeCondition, request, "vae", deadline)
+        return await self._call(job.route.vae.EncodeCondition, request, "vae", budget)
 
     async def _denoise_relayed(
-        self, job: Job, request, deadline: Deadline
+        self, job: Job, request, budget: RetryBudget
     ) -> AsyncIterator[common_pb2.Progress | bytes]:
         """The denoiser's events; when its cache lost the embeddings (eviction, Redis restart), once more with
         them inline. Failures keep the denoiser's status and details."""
         try:
-            async for item in self._denoise(job.route, request, deadline):
+            async for item in self._denoise(job.route, request, budget):
                 yield item
             return
         except grpc.aio.AioRpcError as error:
             if parse_error(error).reason != EMBEDDINGS_MISSING:
-                raise relay(error, "denoiser: ") from error
+                raise budget.failure(error, "denoiser: ") from error
         metrics.EMBEDDING_REFETCHES.inc()
         log.warning("embeddings missing at the denoiser; re-encoding inline")
         prompt, negative = await _all(
-            self._encode(job, job.resolved.prompt, True, deadline),
-            self._encode(job, job.resolved.negative_prompt, True, deadline),
+            self._encode(job, job.resolved.prompt, True, budget),
+            self._encode(job, job.resolved.negative_prompt, True, budget),
         )
         request.prompt_embeds.CopyFrom(prompt)
         if negative is not None:
             request.negative_embeds.CopyFrom(negative)
         try:
-            async for item in self._denoise(job.route, request, deadline):
+            async for item in self._denoise(job.route, request, budget):
                 yield item
         except grpc.aio.AioRpcError as error:
-            raise relay(error, "denoiser: ") from error
+            raise budget.failure(error, "denoiser: ") from error
 
-    async def _denoise(self, route: Route, request, deadline: Deadline) -> AsyncIterator[common_pb2.Progress | bytes]:
-        """Relay the denoiser's stream; retried on UNAVAILABLE only while it has sent nothing."""
-        attempt = 0
+    @staticmethod
+    async def _denoise(route: Route, request, budget: RetryBudget) -> AsyncIterator[common_pb2.Progress | bytes]:
+        """Relay the denoiser's stream, waiting for a ready denoiser and retrying while the budget allows. A
+        job is a pure function of its request, so it is retried even after progress was relayed (a streaming
+        caller then sees the steps start again)."""
         while True:
-            call = route.denoiser.Denoise(request, timeout=deadline.remaining())
-            received = False
+            call = route.denoiser.Denoise(request, timeout=budget.deadline.remaining(), wait_for_ready=True)
             try:
                 async for event in call:
-                    received = True
                     if event.HasField("latents"):
                         yield event.latents
                         return
@@ -193,12 +178,11 @@ class Gateway:
                     yield progress
                 return
             except grpc.aio.AioRpcError as error:
-                delay = None if received else self.policy.should_retry(error, attempt, deadline)
+                delay = budget.delay(error)
                 if delay is None:
                     raise
                 metrics.BACKEND_RETRIES.labels("denoiser").inc()
                 await asyncio.sleep(delay)
-                attempt += 1
             finally:
                 call.cancel()  # a cancelled client (or deadline) stops the denoiser's loop within one step
 

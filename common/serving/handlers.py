@@ -1,9 +1,12 @@
 """The wrapper every servicer method goes through: request id, access log, metrics, exceptions -> statuses.
 
 A handler raises; this module answers. `InvalidArgument` becomes INVALID_ARGUMENT with a BadRequest field
-violation, `Cancelled` DEADLINE_EXCEEDED or CANCELLED, `QueueFull` RESOURCE_EXHAUSTED with RetryInfo, out-of-memory
-RESOURCE_EXHAUSTED, a backend's `RpcError` its own status, and anything else INTERNAL (logged with its
-traceback) -- the process and the other requests carry on.
+violation, `Cancelled` DEADLINE_EXCEEDED or CANCELLED, `QueueFull` RESOURCE_EXHAUSTED with RetryInfo,
+`ResponseTooLarge` and out-of-memory RESOURCE_EXHAUSTED, a backend's `RpcError` its own status, and anything else
+INTERNAL (logged with its traceback) -- the process and the other requests carry on.
+
+`Caller` lets work queued on a compute thread see that its RPC has ended (cancelled, past its deadline, or
+answered), so that nobody computes for a caller who left.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import functools
 import inspect
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -25,7 +29,15 @@ import grpc
 from common.errors import Cancelled, InvalidArgument
 from common.serving import metrics
 from common.serving.logs import request_id_var
-from common.serving.status import QUEUE_FULL, RpcFailure, invalid_argument, relay, with_reason
+from common.serving.status import (
+    QUEUE_FULL,
+    RESPONSE_TOO_LARGE,
+    RpcFailure,
+    invalid_argument,
+    relay,
+    with_reason,
+)
+from common.validation import ResponseTooLarge
 
 log = logging.getLogger("imagegen.rpc")
 T = TypeVar("T")
@@ -49,6 +61,8 @@ def _failure(exc: BaseException, context: grpc.aio.ServicerContext) -> RpcFailur
         return RpcFailure(grpc.StatusCode.CANCELLED, str(exc))
     if isinstance(exc, QueueFull):
         return with_reason(grpc.StatusCode.RESOURCE_EXHAUSTED, QUEUE_FULL, str(exc), QUEUE_RETRY_AFTER)
+    if isinstance(exc, ResponseTooLarge):
+        return with_reason(grpc.StatusCode.RESOURCE_EXHAUSTED, RESPONSE_TOO_LARGE, str(exc))
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory: {exc}")
     if isinstance(exc, grpc.RpcError):
@@ -133,10 +147,32 @@ def current_request_id() -> str:
     return request_id_var.get() or ""
 
 
-async def in_executor(executor: Executor, fn: Callable[..., T], *args: Any) -> T:
-    """Run blocking work on `executor`, keeping the request id for its log lines."""
+class Caller:
+    """Whether the RPC that asked for some work still wants it (readable from any thread)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, default_timeout: float) -> None:
+        remaining = context.time_remaining()
+        self.deadline = time.monotonic() + (default_timeout if remaining is None else remaining)
+        self._ended = threading.Event()
+        context.add_done_callback(lambda _context: self._ended.set())
+
+    def gone(self) -> bool:
+        return self._ended.is_set() or time.monotonic() >= self.deadline
+
+
+async def in_executor(
+    executor: Executor, fn: Callable[..., T], *args: Any, unwanted: Callable[[], bool] | None = None
+) -> T:
+    """Run blocking work on `executor`, keeping the request id for its log lines; work that is `unwanted()`
+    (its caller has gone, e.g. `Caller.gone`) by the time a thread takes it is dropped (`Cancelled`)."""
     context = contextvars.copy_context()
-    return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(context.run, fn, *args))
+
+    def run() -> T:
+        if unwanted is not None and unwanted():
+            raise Cancelled("the caller left before the work started")
+        return context.run(fn, *args)
+
+    return await asyncio.get_running_loop().run_in_executor(executor, run)
 
 
 def require_ready(ready: bool, what: str) -> None:

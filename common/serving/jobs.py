@@ -3,6 +3,9 @@
 The asyncio side submits work and reads events (queue position, each step, result); the worker thread runs the
 work with `StepHooks` whose `should_stop` turns true when the RPC is cancelled or its deadline passes, so the
 loop stops before its next step and the worker takes the next job.
+
+Everything a denoiser group's rank 0 sends its peers goes out on this one thread: the jobs, a heartbeat while
+idle (`idle`), and the final stop (`finish`), so two collectives never race on the control group.
 """
 
 from __future__ import annotations
@@ -65,7 +68,10 @@ class Ticket:
             if event.position == self._last_position:
                 return
             self._last_position = event.position
-        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the event loop has closed (shutdown): nobody is listening any more
+            pass
 
     async def events(self) -> AsyncIterator[Event]:
         while True:
@@ -76,8 +82,19 @@ class Ticket:
 
 
 class JobQueue:
-    def __init__(self, capacity: int, name: str = "jobs") -> None:
+    """`idle` = (seconds, fn): call fn on the worker thread after that long without a job; `finish`: call it on
+    the worker thread once the queue is closed and the last job is done."""
+
+    def __init__(
+        self,
+        capacity: int,
+        name: str = "jobs",
+        idle: tuple[float, Callable[[], None]] | None = None,
+        finish: Callable[[], None] | None = None,
+    ) -> None:
         self.capacity = capacity
+        self._idle = idle
+        self._finish = finish
         self._pending: deque[Ticket] = deque()
         self._running: Ticket | None = None
         self._closed = False
@@ -109,20 +126,21 @@ class JobQueue:
                 self._announce()
                 ticket.post(Event("failed", error=Cancelled("cancelled while queued")))
 
-    @property
-    def depth(self) -> int:
-        return len(self._pending)
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Refuse new work, fail waiting jobs, let the running one finish (or stop, if cancelled)."""
+    def shut(self, error: BaseException | None = None) -> None:
+        """Refuse new work and fail the waiting jobs with `error` (UNAVAILABLE by default); the running one
+        finishes (or stops, if cancelled). Safe from any thread, the worker's included."""
+        error = error or RpcFailure(grpc.StatusCode.UNAVAILABLE, "shut down")
         with self._cond:
             self._closed = True
             while self._pending:
-                self._pending.popleft().post(
-                    Event("failed", error=RpcFailure(grpc.StatusCode.UNAVAILABLE, "shut down"))
-                )
+                self._pending.popleft().post(Event("failed", error=error))
             self._cond.notify_all()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """`shut`, then wait for the worker to finish; False if it did not within `timeout`."""
+        self.shut()
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _announce(self) -> None:
         """Tell each waiting job how many are ahead of it (a job about to start right away hears nothing)."""
@@ -133,19 +151,34 @@ class JobQueue:
         metrics.QUEUE_DEPTH.set(len(self._pending))
 
     def _work_loop(self) -> None:
+        try:
+            while (ticket := self._next()) is not None:
+                self._serve(ticket)
+        finally:
+            if self._finish is not None:
+                self._finish()
+
+    def _next(self) -> Ticket | None:
+        """The next job (None once closed and empty), running the idle callback while there is none."""
         while True:
             with self._cond:
-                while not self._pending and not self._closed:
-                    self._cond.wait()
-                if not self._pending:
-                    return
-                ticket = self._running = self._pending.popleft()
-                self._announce()
-            final = self._run(ticket)
-            with self._cond:
-                self._running = None  # before the caller hears the outcome: its next job must not look queued
-            self._record(ticket, final)
-            ticket.post(final)
+                if not self._pending and not self._closed:
+                    self._cond.wait(self._idle[0] if self._idle else None)
+                if self._pending:
+                    ticket = self._running = self._pending.popleft()
+                    self._announce()
+                    return ticket
+                if self._closed:
+                    return None
+            if self._idle is not None:
+                self._idle[1]()
+
+    def _serve(self, ticket: Ticket) -> None:
+        final = self._run(ticket)
+        with self._cond:
+            self._running = None  # before the caller hears the outcome: its next job must not look queued
+        self._record(ticket, final)
+        ticket.post(final)
 
     def _run(self, ticket: Ticket) -> Event:
         metrics.STAGE_SECONDS.labels("queue_wait").observe(time.monotonic() - ticket.submitted)

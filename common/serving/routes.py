@@ -1,7 +1,9 @@
 """The gateway's model table: which encoder/denoiser/VAE serve each model id, and what family they host.
 
 Families are learned from the backends' `Describe` (so the gateway validates requests without loading a
-model); a route is usable once its three backends answered and agree on the family.
+model); a route is usable once its three backends answered and agree on the family. The gateway is ready once
+its default route is: other routes are described in the background and on their first request, so one model
+whose backends are down does not keep the gateway (and every other model) unready.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import grpc
 
 from common.errors import InvalidArgument
 from common.families import Family, get_family
-from common.serving.channels import Deadline, RetryPolicy, call_with_retries, internal_channel
+from common.serving.channels import call_with_retries, internal_channel
 from common.serving.config import ConfigError
+from common.serving.retry import Deadline, RetryBudget, RetryPolicy
 from common.serving.status import RpcFailure
 from common.serving.tls import TlsConfig
+from common.serving.transport import DEFAULT_MESSAGE_LIMIT
 from imagegen.v1 import common_pb2, denoiser_pb2_grpc, encoder_pb2_grpc, vae_pb2_grpc
 
 log = logging.getLogger("imagegen.routes")
@@ -49,6 +53,7 @@ class Route:
     tls: TlsConfig
     family: Family | None = None
     infos: dict[str, common_pb2.ModelInfo] = field(default_factory=dict)
+    max_receive_bytes: int = DEFAULT_MESSAGE_LIMIT
 
     def __post_init__(self) -> None:
         self.channels: dict[str, grpc.aio.Channel] = {}
@@ -58,7 +63,9 @@ class Route:
         """Open the channels (inside the running event loop, which aio channels bind to)."""
         if self.channels:
             return
-        self.channels = {stage: internal_channel(self.addresses[stage], self.tls) for stage in STAGES}
+        self.channels = {
+            stage: internal_channel(self.addresses[stage], self.tls, self.max_receive_bytes) for stage in STAGES
+        }
         self.encoder = encoder_pb2_grpc.EncoderServiceStub(self.channels["encoder"])
         self.denoiser = denoiser_pb2_grpc.DenoiserServiceStub(self.channels["denoiser"])
         self.vae = vae_pb2_grpc.VaeServiceStub(self.channels["vae"])
@@ -67,8 +74,9 @@ class Route:
     def denoiser_reads_cache(self) -> bool:
         return self.infos["denoiser"].reads_cache
 
-    async def describe(self, policy: RetryPolicy) -> Family:
-        """Ask the three backends what they host (once; later calls return the answer)."""
+    async def describe(self, budget: RetryBudget) -> Family:
+        """Ask the three backends what they host (once; later calls return the answer), waiting for them within
+        `budget`."""
         async with self._lock:
             if self.family is not None:
                 return self.family
@@ -77,14 +85,12 @@ class Route:
             infos = {}
             for stage, stub in stubs.items():
                 try:
-                    infos[stage] = await call_with_retries(
-                        stub.Describe, common_pb2.DescribeRequest(), stage, Deadline(DESCRIBE_TIMEOUT), policy
-                    )
+                    infos[stage] = await call_with_retries(stub.Describe, common_pb2.DescribeRequest(), stage, budget)
                 except grpc.aio.AioRpcError as exc:
-                    raise RpcFailure(
-                        grpc.StatusCode.UNAVAILABLE,
-                        f"{stage} of model {self.name or '(default)'} at {self.addresses[stage]}: {exc.details()}",
-                    ) from exc
+                    where = f"{stage} of model {self.name or '(default)'} at {self.addresses[stage]}"
+                    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise RpcFailure(exc.code(), f"{where}: not ready in time") from exc
+                    raise budget.failure(exc, f"{where}: ") from exc
             families = {stage: info.family for stage, info in infos.items()}
             if len(set(families.values())) != 1:
                 raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, f"backends disagree on the family: {families}")
@@ -101,10 +107,18 @@ class Route:
 
 class RouteTable:
     def __init__(
-        self, table: dict[str | None, dict[str, str]], default_model: str | None, tls: TlsConfig, policy: RetryPolicy
+        self,
+        table: dict[str | None, dict[str, str]],
+        default_model: str | None,
+        tls: TlsConfig,
+        policy: RetryPolicy,
+        max_receive_bytes: int = DEFAULT_MESSAGE_LIMIT,
     ) -> None:
-        self.routes = [Route(name, addresses, tls) for name, addresses in table.items()]
+        self.routes = [
+            Route(name, addresses, tls, max_receive_bytes=max_receive_bytes) for name, addresses in table.items()
+        ]
         self.policy = policy
+        self._background: asyncio.Task | None = None
         if default_model is None and len(self.routes) > 1:
             raise ConfigError("--default-model is required with several --routes")
         if default_model is not None and None not in table and default_model not in table:
@@ -116,7 +130,7 @@ class RouteTable:
             return self.routes[0]
         return next(r for r in self.routes if r.name in (self.default_model, None))
 
-    async def get(self, model: str) -> tuple[Route, Family]:
+    async def get(self, model: str, budget: RetryBudget) -> tuple[Route, Family]:
         """The route for a request's `model` field ("" = default), described if it was not yet."""
         if not model:
             route = self._default()
@@ -126,22 +140,32 @@ class RouteTable:
                 # The flag-configured route learns its name on first contact.
                 for route in self.routes:
                     if route.name is None:
-                        await route.describe(self.policy)
+                        await route.describe(budget)
                 matches = [r for r in self.routes if r.name == model]
             if not matches:
                 known = ", ".join(sorted(r.name for r in self.routes if r.name)) or "none yet"
                 raise InvalidArgument("model", f"unknown model {model!r} (served: {known})")
             route = matches[0]
-        return route, await route.describe(self.policy)
+        return route, await route.describe(budget)
 
-    async def discover(self, interval: float = 0.5, max_interval: float = 5.0) -> None:
-        """Describe every route, retrying until all answer (the gateway reports SERVING after this)."""
+    async def discover(self) -> None:
+        """Describe the default route, waiting until it answers (the gateway reports SERVING after this); the
+        others are described in the background."""
+        await self._describe_until_ready(self._default())
+        others = [r for r in self.routes if r is not self._default()]
+        if others:
+            self._background = asyncio.create_task(self._describe_all(others))
+
+    async def _describe_all(self, routes: list[Route]) -> None:
+        await asyncio.gather(*(self._describe_until_ready(r) for r in routes))
+
+    async def _describe_until_ready(self, route: Route, interval: float = 0.5, max_interval: float = 5.0) -> None:
         while True:
-            results = await asyncio.gather(*(r.describe(self.policy) for r in self.routes), return_exceptions=True)
-            failures = [str(e) for e in results if isinstance(e, BaseException)]
-            if not failures:
+            try:
+                await route.describe(self.policy.budget(Deadline(DESCRIBE_TIMEOUT)))
                 return
-            log.warning("waiting for backends", extra={"errors": failures})
+            except RpcFailure as exc:
+                log.warning("waiting for backends", extra={"model": route.name, "error": exc.message})
             await asyncio.sleep(interval)
             interval = min(max_interval, interval * 2)
 
@@ -149,5 +173,7 @@ class RouteTable:
         return self._default().name or ""
 
     async def close(self) -> None:
+        if self._background is not None:
+            self._background.cancel()
         for route in self.routes:
             await route.close()

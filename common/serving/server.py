@@ -3,7 +3,8 @@ logs, and a graceful drain on SIGTERM.
 
 Health reports NOT_SERVING from the moment the port opens until the service's `prepare` (model loading,
 backend discovery) finishes, then SERVING; on SIGTERM it flips back to NOT_SERVING, the servers stop taking new
-RPCs and in-flight ones get `grace` seconds to finish.
+RPCs and in-flight ones get `grace` seconds to finish (exit status 0). A service that hits a fault it cannot
+recover from calls `Service.fail`: NOT_SERVING at once, a short drain, exit status 1 (its supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -15,18 +16,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.errors import ImagegenError
 from common.serving.config import ConfigError
+from common.serving.health import NOT_SERVING, SERVING, Health
 from common.serving.metrics import start_metrics_server
+from common.serving.transport import DEFAULT_MESSAGE_LIMIT, server_options
 
 log = logging.getLogger("imagegen.server")
-INTERNAL_MESSAGE_LIMIT = -1  # tensors between our own services: no gRPC size cap
-# Internal servers close connections after this age (in-flight calls finish first), so that gateways re-resolve
-# a headless Service's DNS and spread calls over new replicas too.
-INTERNAL_CONNECTION_AGE_MS = 300_000
+FAILURE_GRACE_S = 2.0  # after a fatal fault: time to answer the RPCs already failed, then exit
 
 
 @dataclass
@@ -37,8 +37,15 @@ class Service:
     register: Callable[[grpc.aio.Server], None]
     prepare: Callable[[], Awaitable[None]]  # load models / discover backends; SERVING once it returns
     close: Callable[[], Awaitable[None]] | None = None  # after the drain
-    max_receive_bytes: int = INTERNAL_MESSAGE_LIMIT
+    max_receive_bytes: int = DEFAULT_MESSAGE_LIMIT
     internal: bool = True
+    _on_fail: Callable[[str], None] | None = field(default=None, init=False, repr=False)
+
+    def fail(self, reason: str) -> None:
+        """A fault this process cannot recover from (any thread): NOT_SERVING now, then exit with status 1."""
+        log.critical("fatal: %s", reason)
+        if self._on_fail is not None:
+            self._on_fail(reason)
 
 
 @dataclass
@@ -48,7 +55,7 @@ class Endpoint:
     port: int
     credentials: grpc.ServerCredentials | None = None
     server: grpc.aio.Server | None = field(default=None, init=False)
-    health: health.aio.HealthServicer | None = field(default=None, init=False)
+    health: Health | None = field(default=None, init=False)
 
     @property
     def address(self) -> str:
@@ -56,15 +63,8 @@ class Endpoint:
         return f"{host}:{self.port}"
 
     async def start(self) -> None:
-        options = [
-            ("grpc.max_receive_message_length", self.service.max_receive_bytes),
-            ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 0),  # a taken port must fail loudly, not be shared with another process
-        ]
-        if self.service.internal:
-            options.append(("grpc.max_connection_age_ms", INTERNAL_CONNECTION_AGE_MS))
-        server = grpc.aio.server(options=options)
-        self.health = health.aio.HealthServicer()
+        server = grpc.aio.server(options=server_options(self.service.max_receive_bytes, self.service.internal))
+        self.health = Health()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.service.register(server)
         names = (self.service.name, health.SERVICE_NAME, reflection.SERVICE_NAME)
@@ -87,15 +87,14 @@ class Endpoint:
         )
 
     async def set_health(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", self.service.name):
-            await self.health.set(name, status)
+            await self.health.set(name, SERVING if serving else NOT_SERVING)
 
 
-async def _health_server(host: str, port: int, servicer: health.aio.HealthServicer) -> grpc.aio.Server:
+async def _health_server(host: str, port: int, servicer: Health) -> grpc.aio.Server:
     """A plaintext listener with only grpc.health.v1.Health (the first endpoint's statuses): kubelet gRPC probes
     cannot speak TLS."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=server_options(1 << 20, internal=False))
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
@@ -117,9 +116,20 @@ async def serve(
     With `health_port`, a plaintext health listener mirrors the first endpoint's health; it stops last, so
     probes see NOT_SERVING (not a refused connection) during the drain."""
     stop = asyncio.Event()
+    failed: list[str] = []
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+
+    def on_fail(reason: str) -> None:
+        def record() -> None:
+            failed.append(reason)
+            stop.set()
+
+        loop.call_soon_threadsafe(record)
+
+    for endpoint in endpoints:
+        endpoint.service._on_fail = on_fail
     metrics_server = None
     health_server = None
     code = 0
@@ -132,15 +142,18 @@ async def serve(
         code = await _prepare_until_stopped(endpoints, stop)
         if code == 0:
             await stop.wait()
-            log.info("draining", extra={"grace_s": grace})
+            if not failed:
+                log.info("draining", extra={"grace_s": grace})
     except ConfigError as exc:
         log.error(str(exc))
         code = 2
     finally:
+        if failed:
+            code, grace = max(code, 1), min(grace, FAILURE_GRACE_S)
+        # In order: `serve all`'s stages keep serving until the gateway's in-flight requests are done with them.
         for endpoint in endpoints:
             if endpoint.health is not None:
-                await endpoint.set_health(False)
-        for endpoint in endpoints:
+                await endpoint.health.drain()
             if endpoint.server is not None:
                 await endpoint.server.stop(grace)
         for endpoint in endpoints:

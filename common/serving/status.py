@@ -21,6 +21,9 @@ DETAILS_KEY = "grpc-status-details-bin"
 # ErrorInfo reasons the services and the SDK act on.
 EMBEDDINGS_MISSING = "EMBEDDINGS_MISSING"
 QUEUE_FULL = "QUEUE_FULL"
+RETRIES_EXHAUSTED = "RETRIES_EXHAUSTED"  # the gateway already retried this request's stage calls: do not again
+GROUP_FAILED = "GROUP_FAILED"  # a denoiser process group broke; the replica is restarting
+RESPONSE_TOO_LARGE = "RESPONSE_TOO_LARGE"  # the images asked for exceed the response-size limit
 
 
 class RpcFailure(Exception):

@@ -1,0 +1,182 @@
+"""What every stage checks before it works on a request: the gateway on the public API, and the encoder,
+denoiser and VAE on their internal APIs, so a stage reached directly refuses what the gateway would.
+
+* options: `check_resolved` re-applies `resolve_options`' bounds to already-resolved options (family, size,
+  steps, images, pixels per request, guidance, seed);
+* tensors against the loaded model (`ModelInputs`, asked of the family's denoise stage): names, ranks, dtypes,
+  finiteness, the embedding width, token counts against the RoPE tables, condition latents against their grids;
+* inputs and outputs: image count and bytes (`check_image_blobs`; decoding limits are in `common.images`), and
+  the response size, estimated before any work (`check_response_size`).
+
+Failures raise `InvalidArgument(field)` (INVALID_ARGUMENT with a BadRequest naming the field), or
+`ResponseTooLarge` (RESOURCE_EXHAUSTED).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from common.errors import ImagegenError, InvalidArgument
+from common.options import FamilyDefaults, Limits, ResolvedOptions, check_int, check_number, check_pixels, check_text
+
+# Largest encoded size per pixel, by output format: NPY float32 RGB; PNG of incompressible data (RGB plus the
+# per-row filter byte, rounded up); JPEG and WEBP stay below raw RGB at the encoders' default quality.
+_BYTES_PER_PIXEL = {"NPY": 12, "PNG": 4, "JPEG": 3, "WEBP": 3}
+_PER_IMAGE_OVERHEAD = 4096  # headers and chunking
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class ResponseTooLarge(ImagegenError):
+    """The images a request asks for would exceed the response-size limit."""
+
+
+class ModelInputs(NamedTuple):
+    """What a loaded denoise stage accepts for one job (asked with `stage.input_limits(job)`)."""
+
+    embedding_dim: int  # the text encoder's hidden width the transformer projects from
+    max_text_tokens: int  # most prompt tokens whose RoPE rows exist next to this job's image grids
+    condition_channels: int | None  # channels of packed edit-image latents; None: the model takes no images
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    """The --max-* flags every service has."""
+    return Limits(
+        max_side=args.max_side,
+        max_steps=args.max_steps,
+        max_images_per_request=args.max_images,
+        max_prompt_chars=args.max_prompt_chars,
+        max_request_pixels=args.max_request_pixels,
+        max_response_bytes=args.max_response_bytes,
+        max_input_bytes=args.max_input_bytes,
+        max_input_pixels=args.max_input_pixels,
+    )
+
+
+# -------------------------------------------------------------------------------------------------- options
+def check_resolved(
+    options: ResolvedOptions, family: str, defaults: FamilyDefaults, limits: Limits, prefix: str = "options."
+) -> None:
+    """Resolved options from an internal caller: every bound `resolve_options` enforces."""
+    if options.family != family:
+        raise InvalidArgument(f"{prefix}family", f"this stage hosts {family}, not {options.family!r}")
+    check_text(f"{prefix}prompt", options.prompt, limits)
+    check_text(f"{prefix}negative_prompt", options.negative_prompt, limits)
+    check_size(options.width, options.height, limits, prefix)
+    check_int(f"{prefix}steps", options.steps, defaults.min_steps, limits.max_steps)
+    check_number(f"{prefix}guidance_scale", options.guidance_scale, 0.0, limits.max_guidance_scale)
+    check_number(f"{prefix}cfg_normalization", options.cfg_normalization, 0.0, 1e6)
+    check_number(f"{prefix}cfg_truncation", options.cfg_truncation, 0.0, 1e6)
+    check_int(f"{prefix}max_sequence_length", options.max_sequence_length, 1, defaults.max_sequence_length_limit)
+    check_int(f"{prefix}num_images", options.num_images, 1, limits.max_images_per_request)
+    check_pixels(f"{prefix}num_images", options.num_images, options.width, options.height, limits)
+    check_int(f"{prefix}num_input_images", options.num_input_images, defaults.min_images, defaults.max_images)
+    check_int(f"{prefix}seed", options.seed, 0, 2**63 - 1)
+
+
+def check_size(width: int, height: int, limits: Limits, prefix: str = "") -> None:
+    for name, value in (("width", width), ("height", height)):
+        check_int(f"{prefix}{name}", value, 16, limits.max_side, multiple_of=16)
+
+
+def response_bytes(num_images: int, width: int, height: int, fmt: str) -> int:
+    """An upper bound of the encoded images' size."""
+    return num_images * (width * height * _BYTES_PER_PIXEL[fmt] + _PER_IMAGE_OVERHEAD)
+
+
+def check_response_size(num_images: int, width: int, height: int, fmt: str, limits: Limits) -> None:
+    size = response_bytes(num_images, width, height, fmt)
+    if size > limits.max_response_bytes:
+        raise ResponseTooLarge(
+            f"{num_images} {fmt} images of {width}x{height} may take {size} bytes; the response limit is "
+            f"{limits.max_response_bytes} (ask for fewer images, or PNG/JPEG/WEBP instead of NPY)"
+        )
+
+
+def check_image_blobs(images: Sequence[bytes], defaults: FamilyDefaults, family: str, limits: Limits) -> None:
+    """Edit images as sent: how many (for this family and at most the per-request limit) and their bytes."""
+    most = min(defaults.max_images, limits.max_images_per_request)
+    if not defaults.min_images <= len(images) <= most:
+        if defaults.max_images == 0:
+            raise InvalidArgument("images", f"{family} generates from text only; got {len(images)} input images")
+        raise InvalidArgument("images", f"{family} takes {defaults.min_images} to {most} images, got {len(images)}")
+    for index, data in enumerate(images):
+        if len(data) > limits.max_input_bytes:
+            raise InvalidArgument(f"images[{index}]", f"is {len(data)} bytes; the limit is {limits.max_input_bytes}")
+
+
+# -------------------------------------------------------------------------------------------------- tensors
+def check_tensor(tensor: torch.Tensor, field: str, shape: Sequence[int | None], dtypes=FLOAT_DTYPES) -> None:
+    """Rank, dtype, size (None: any length >= 1) and finiteness of one received tensor."""
+    if tensor.dim() != len(shape):
+        raise InvalidArgument(field, f"expected {len(shape)} dimensions, got shape {tuple(tensor.shape)}")
+    if tensor.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise InvalidArgument(field, f"dtype {str(tensor.dtype).removeprefix('torch.')} is not one of {names}")
+    for axis, (size, want) in enumerate(zip(tensor.shape, shape, strict=True)):
+        if (want is None and size < 1) or (want is not None and size != want):
+            expected = tuple("L" if w is None else w for w in shape)
+            raise InvalidArgument(field, f"expected shape {expected}, got {tuple(tensor.shape)} (axis {axis})")
+    if not bool(torch.isfinite(tensor).all()):
+        raise InvalidArgument(field, "contains NaN or infinite values")
+
+
+def check_embeddings(tensor: torch.Tensor, field: str, prompt_field: str, inputs: ModelInputs) -> None:
+    """Prompt embeddings `[L, D]`: D the model's width, L within its RoPE tables (reported against the prompt,
+    which is what a caller can shorten)."""
+    check_tensor(tensor, field, (None, inputs.embedding_dim))
+    if tensor.shape[0] > inputs.max_text_tokens:
+        raise InvalidArgument(
+            prompt_field,
+            f"is {tensor.shape[0]} tokens long (with the input images' tokens); this model's position tables "
+            f"allow at most {inputs.max_text_tokens} at this output size",
+        )
+
+
+def check_condition(
+    latents: torch.Tensor | None,
+    shapes: Sequence[tuple[int, int, int]],
+    options: ResolvedOptions,
+    inputs: ModelInputs,
+    limits: Limits,
+) -> None:
+    """Edit-image latents `[1, S, C]` and their token grids: one grid per input image, single frames, no more
+    tokens per image than the largest allowed output has, S = the grids' tokens."""
+    if options.num_input_images == 0:
+        if latents is not None or shapes:
+            raise InvalidArgument("condition", "given, but options.num_input_images is 0")
+        return
+    if inputs.condition_channels is None:
+        raise InvalidArgument("condition", "this model takes no input images")
+    if latents is None:
+        raise InvalidArgument("condition", f"required for {options.num_input_images} input images")
+    if len(shapes) != options.num_input_images:
+        raise InvalidArgument(
+            "condition.shapes", f"{len(shapes)} grids for options.num_input_images = {options.num_input_images}"
+        )
+    most = (limits.max_side // 16) ** 2
+    tokens = 0
+    for index, (frames, rows, cols) in enumerate(shapes):
+        field = f"condition.shapes[{index}]"
+        if frames != 1:
+            raise InvalidArgument(f"{field}.frames", f"must be 1, got {frames}")
+        for name, value in (("rows", rows), ("cols", cols)):
+            check_int(f"{field}.{name}", value, 1, limits.max_side)
+        if rows * cols > most:
+            raise InvalidArgument(field, f"{rows}x{cols} tokens; at most {most} per image")
+        tokens += rows * cols
+    check_tensor(latents, "condition.safetensors", (1, tokens, inputs.condition_channels))
+
+
+def check_latents(
+    latents: torch.Tensor, per_image: Sequence[int], width: int, height: int, limits: Limits, field: str = "latents"
+) -> int:
+    """Final latents `[K, *per_image]` for K images of `width` x `height`; returns K."""
+    count = latents.shape[0] if latents.dim() else 0
+    check_int(f"{field}.shape[0]", count, 1, limits.max_images_per_request)
+    check_pixels(f"{field}.shape[0]", count, width, height, limits)
+    check_tensor(latents, field, (count, *per_image))
+    return count
