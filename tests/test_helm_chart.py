@@ -354,6 +354,31 @@ def test_probes_and_ports_follow_the_contract(rendered, name):
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_stages_listen_on_the_pod_address_and_share_the_gateways_limits(rendered, name):
+    """Stages bind 127.0.0.1 unless IMAGEGEN_HOST says otherwise; each checks requests against the same limits
+    as the gateway; torchrun gives rank 0 longer than its drain before it kills the group."""
+    values = merged_values(name)
+    limits = {
+        "IMAGEGEN_" + re.sub("([A-Z])", r"_\1", k).upper(): str(v)
+        for k, v in values["gateway"]["requestLimits"].items()
+    }
+    grace = values["gracePeriodSeconds"]
+    stages = 0
+    for owner, pod in pod_templates(rendered[name]):
+        component = labels(pod).get(COMPONENT)
+        if component not in GRPC_PORTS:
+            continue
+        variables = env(main_container(pod))
+        assert {k: variables.get(k) for k in limits} == limits, owner
+        if component in MODEL_STAGES:
+            stages += 1
+            assert variables["IMAGEGEN_HOST"] == {"fieldRef": {"fieldPath": "status.podIP"}}, owner
+        if main_container(pod).get("command") == ["torchrun"]:
+            assert int(variables["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) > grace, owner
+    assert stages > 0
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_services_select_pods_with_their_target_ports(rendered, name):
     objs = rendered[name]
     pods = pod_templates(objs)

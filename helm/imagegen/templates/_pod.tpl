@@ -79,6 +79,12 @@ Environment common to every imagegen container: ports, logging, drain, TLS, and 
   value: {{ $root.Values.logLevel | quote }}
 - name: IMAGEGEN_GRACE_PERIOD
   value: {{ int64 $root.Values.gracePeriodSeconds | quote }}
+{{- /* Every service checks requests against the same limits: the gateway its public ones, the stages their
+internal ones (a stage with lower limits than the gateway would refuse what the gateway accepted). */}}
+{{- range $key, $value := $root.Values.gateway.requestLimits }}
+- name: IMAGEGEN_{{ $key | snakecase | upper }}
+  value: {{ int64 $value | quote }}
+{{- end }}
 {{- if $root.Values.tls.enabled }}
 - name: IMAGEGEN_TLS_CERT
   value: /etc/imagegen/tls/tls.crt
@@ -120,6 +126,12 @@ dict "root" $ "model" MODEL "component" NAME.
 {{- define "imagegen.modelEnv" -}}
 {{- $root := .root -}}
 {{- $stage := get .model .component -}}
+{{- /* Stages bind 127.0.0.1 unless told otherwise: here, the pod's own address (the gateway, the kubelet's
+probes and Prometheus reach them there). */}}
+- name: IMAGEGEN_HOST
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
 - name: IMAGEGEN_DEVICE
   value: {{ $stage.device | quote }}
 {{- with $stage.dtype }}
@@ -146,6 +158,12 @@ dict "root" $ "model" MODEL "component" NAME.
 {{- if eq .component "denoiser" }}
 - name: IMAGEGEN_QUEUE_SIZE
   value: {{ int64 $stage.queueSize | quote }}
+{{- if gt (int64 .model.world) 1 }}
+{{- /* torchrun forwards SIGTERM to every rank, then kills them after this many seconds: rank 0 must be able
+to finish its drain (--grace-period) and release the other ranks first. */}}
+- name: TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+  value: {{ add (int64 $root.Values.gracePeriodSeconds) 10 | quote }}
+{{- end }}
 {{- end }}
 {{- end -}}
 
