@@ -86,15 +86,28 @@ class Service(Process):
 
     def __init__(self, name: str, kind: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None):
         self.kind, self.args = kind, args
+        self._restarted = False
         super().__init__(name, self._argv(), log_dir, env)
 
-    def _argv(self) -> list[str]:
-        self.port = free_port()
-        self.metrics_port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+    def _argv(self, new_ports: bool = True) -> list[str]:
+        if new_ports:
+            self.port = free_port()
+            self.metrics_port = free_port()
+            self.address = f"127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "imagegen.cli", "serve", self.kind, "--host", "127.0.0.1"]
         argv += ["--port", str(self.port), "--metrics-port", str(self.metrics_port), "--grace-period", "10"]
         return argv + self.args
+
+    def restart(self, env: dict[str, str] | None = None) -> None:
+        """Start it again on the same ports (its clients keep their address), once the old process has exited;
+        `env` replaces its environment."""
+        if self.alive():
+            raise RuntimeError(f"{self.name} is still running")
+        self._log.close()
+        self._restarted = True
+        self._env = env or self._env
+        self.log_path = self.log_path.with_name(f"{self.name}-{time.monotonic_ns()}.log")
+        self._launch(self._argv(new_ports=False))
 
     def health(
         self, service: str = "", credentials: grpc.ChannelCredentials | None = None, address: str | None = None
@@ -120,7 +133,7 @@ class Service(Process):
                 if "cannot listen" in self.log() and relaunches:
                     relaunches -= 1
                     self._log.close()
-                    self._launch(self._argv())
+                    self._launch(self._argv(new_ports=not self._restarted))
                     continue
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
             if self.health(credentials=credentials) == health_pb2.HealthCheckResponse.SERVING:
@@ -144,7 +157,8 @@ class RedisServer(Process):
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        super().__init__(f"redis-{self.port}", argv, log_dir, env=dict(os.environ))
+        name = f"redis-{self.port}-{time.monotonic_ns()}"  # a restart on the same port gets a log of its own
+        super().__init__(name, argv, log_dir, env=dict(os.environ))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
