@@ -152,6 +152,21 @@ class Service(Process):
         return 0.0
 
 
+class TorchrunService(Service):
+    """`torchrun --nproc-per-node=N -m imagegen.cli serve denoiser ...`: every rank runs the command, rank 0
+    serves (as the Helm chart runs a denoiser group)."""
+
+    def __init__(self, name: str, nproc: int, args: list[str], log_dir: Path, env: dict[str, str] | None = None):
+        self.nproc = nproc
+        super().__init__(name, "denoiser", args, log_dir, env)
+
+    def _argv(self, new_ports: bool = True) -> list[str]:
+        argv = super()._argv(new_ports)
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={self.nproc}"]
+        torchrun += [f"--master-port={free_port()}", "-m"]
+        return [*torchrun, *argv[argv.index("-m") + 1 :]]
+
+
 class RedisServer(Process):
     def __init__(self, log_dir: Path, port: int | None = None) -> None:
         self.port = port or free_port()

@@ -9,14 +9,13 @@ cancelled stream must stop the whole group at a step boundary with the next requ
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import grpc
 import numpy as np
 import pytest
 import torch
-from service_harness import TORCH_THREADS, Service, free_port, stop_all
+from service_harness import TORCH_THREADS, Service, TorchrunService, stop_all
 
 from common.denoise import StepHooks
 from common.options import RequestOptions
@@ -28,20 +27,6 @@ from imagegen.v1 import common_pb2, image_service_pb2, image_service_pb2_grpc
 MODEL = "qwen-image"
 REQUEST = dict(negative_prompt="blurry", guidance_scale=4.0, steps=3, width=128, height=128)
 TOLERANCE = 1e-6  # against our own one-process run (the parallel parity bound)
-
-
-class TorchrunService(Service):
-    """`torchrun --nproc-per-node=N -m imagegen.cli serve ...`: every rank runs the command, rank 0 serves."""
-
-    def __init__(self, name: str, nproc: int, args: list[str], log_dir) -> None:
-        self.nproc = nproc
-        super().__init__(name, "denoiser", args, log_dir)
-
-    def _argv(self) -> list[str]:
-        argv = super()._argv()
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={self.nproc}"]
-        torchrun += [f"--master-port={free_port()}", "-m"]
-        return [*torchrun, *argv[argv.index("-m") + 1 :]]
 
 
 @pytest.fixture(scope="module")
