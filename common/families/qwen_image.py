@@ -30,9 +30,9 @@ from common.attention import AttentionLayout, Heads
 from common.cfg import qwen_true_cfg
 from common.checkpoint import ModelFolder
 from common.denoise import DenoiseJob, DenoiseStage, StepHooks, run_denoise_loop
-from common.fused import linear_gelu_tanh, qk_norm_rope
+from common.fused import linear_gelu_tanh
 from common.graphs import maybe_graphed
-from common.kernels import attention_rows, compiled, fuse_linears, mark_dynamic, pad_rows, rotary_tables
+from common.kernels import attention_rows, compiled, fuse_linears, mark_dynamic, pad_rows, rotary_tables, rotate_pairs
 from common.latents import initial_noise, patchify, unpatchify
 from common.options import FamilyDefaults
 from common.rope import Rotary
@@ -349,16 +349,16 @@ def _modulate(x: torch.Tensor, params: torch.Tensor, index: torch.Tensor | None)
 
 
 def _block_pre(block, hidden, text, img_mod1, txt_mod1, index, img_cos, img_sin, txt_cos, txt_sin):
-    """Norm + modulation, fused QKV, then QK norm, RoPE and the joint `[image, text]` q, k, v in one kernel."""
+    """Norm + modulation, fused QKV, QK norm and RoPE of both streams; the joint `[image, text]` q, k, v."""
     attn = block.attn
     img_x, img_gate1 = _modulate(block.img_norm1(hidden), img_mod1, index)
     txt_x, txt_gate1 = _modulate(block.txt_norm1(text), txt_mod1, None)
-    img_qkv = F.linear(img_x, attn.img_qkv_weight, attn.img_qkv_bias).unflatten(-1, (3, attn.heads, -1))
-    txt_qkv = F.linear(txt_x, attn.txt_qkv_weight, attn.txt_qkv_bias).unflatten(-1, (3, attn.heads, -1))
-    norms = (attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k)
-    q, k, v = qk_norm_rope(
-        [img_qkv, txt_qkv], [n.weight for n in norms], [img_cos, txt_cos], [img_sin, txt_sin], attn.norm_q.eps
-    )
+    iq, ik, iv = F.linear(img_x, attn.img_qkv_weight, attn.img_qkv_bias).unflatten(-1, (3, attn.heads, -1)).unbind(2)
+    tq, tk, tv = F.linear(txt_x, attn.txt_qkv_weight, attn.txt_qkv_bias).unflatten(-1, (3, attn.heads, -1)).unbind(2)
+    iq, ik = rotate_pairs(attn.norm_q(iq), img_cos, img_sin), rotate_pairs(attn.norm_k(ik), img_cos, img_sin)
+    tq = rotate_pairs(attn.norm_added_q(tq), txt_cos, txt_sin)
+    tk = rotate_pairs(attn.norm_added_k(tk), txt_cos, txt_sin)
+    q, k, v = (torch.cat(pair, dim=1) for pair in ((iq, tq), (ik, tk), (iv, tv)))
     return q, k, v, img_gate1, txt_gate1
 
 
@@ -406,9 +406,9 @@ class QwenFastInputs:
 class QwenFastDiT:
     """The fast-path forward (`common.kernels`) over the same modules and weights as `QwenDiT`: per block a
     compiled `_block_pre` and `_block_post` (text length dynamic) around attention over each row's real tokens
-    with the measured kernel. Each stream's QKV projections are fused into one matmul, QK norm + RoPE into one
-    kernel (`common.fused`), and the blocks' timestep modulations are computed for every step of a request
-    at once (`modulations`), so their 7 GB of weights are read once per request instead of once per step."""
+    with the measured kernel. Each stream's QKV projections are fused into one matmul, the MLPs' GELU into
+    its matmul's epilogue (`common.fused`), and the blocks' timestep modulations are computed for every step of
+    a request at once (`modulations`), so their 7 GB of weights are read once per request, not once per step."""
 
     def __init__(self, transformer: torch.nn.Module) -> None:
         self.transformer = transformer

@@ -29,9 +29,17 @@ from common.attention import LOCAL_ATTENTION, AttentionBackend, AttentionLayout,
 from common.cfg import z_image_cfg
 from common.checkpoint import ModelFolder
 from common.denoise import DenoiseJob, DenoiseStage, StepHooks, run_denoise_loop
-from common.fused import qk_norm_rope
 from common.graphs import maybe_graphed
-from common.kernels import attention_rows, compiled, fuse_linears, mark_dynamic, pad_rows, rotary_tables, sdpa
+from common.kernels import (
+    attention_rows,
+    compiled,
+    fuse_linears,
+    mark_dynamic,
+    pad_rows,
+    rotary_tables,
+    rotate_pairs,
+    sdpa,
+)
 from common.latents import initial_noise, patchify, unpatchify
 from common.options import FamilyDefaults
 from common.rope import Rotary
@@ -270,12 +278,12 @@ class ZImageDiT:
 
 # --------------------------------------------------------------------------------------------- fast DiT forward
 def _layer_pre(layer, x, adaln, cos, sin):
-    """adaLN modulation, norm, fused QKV, then QK norm + RoPE in one kernel (`common.fused`)."""
+    """adaLN modulation, norm, fused QKV, QK norm and RoPE of a modulated layer."""
     attn = layer.attention
     scale_msa, gate_msa, scale_mlp, gate_mlp = layer.adaLN_modulation(adaln).unsqueeze(1).chunk(4, dim=2)
     h = layer.attention_norm1(x) * (1.0 + scale_msa)
-    qkv = F.linear(h, attn.qkv_weight).unflatten(-1, (3, attn.heads, -1))
-    q, k, v = qk_norm_rope([qkv], [attn.norm_q.weight, attn.norm_k.weight], [cos], [sin], attn.norm_q.eps)
+    q, k, v = F.linear(h, attn.qkv_weight).unflatten(-1, (3, attn.heads, -1)).unbind(2)
+    q, k = rotate_pairs(attn.norm_q(q), cos, sin), rotate_pairs(attn.norm_k(k), cos, sin)
     return q, k, v, gate_msa.tanh(), 1.0 + scale_mlp, gate_mlp.tanh()
 
 
