@@ -57,6 +57,18 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--collective-timeout", type=float, default=300.0, help="seconds before a stuck process group fails"
     )
+    parser.add_argument(
+        "--kernels",
+        choices=["fast", "reference"],
+        help="denoiser kernels: fast (default on cuda) or reference (bitwise equal to diffusers on the same GPU; "
+        "the default on cpu) [env IMAGEGEN_KERNELS]",
+    )
+    parser.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        help="compile the fast path: auto (default) only when this machine's compiler cache holds the model's "
+        "graphs and the job is long enough to repay it [env IMAGEGEN_COMPILE]",
+    )
     parser.add_argument("--api-key", default=os.environ.get("IMAGEGEN_API_KEY"), help="with --target")
     parser.add_argument(
         "--output", required=True, help="PATH.png/.jpg/.webp ({i} numbers several images) or PATH.npy (float32)"
@@ -183,6 +195,9 @@ def _run_local(args: argparse.Namespace, options, images):
         launched_by_torchrun,
     )
 
+    for env, value in (("IMAGEGEN_KERNELS", args.kernels), ("IMAGEGEN_COMPILE", args.compile)):
+        if value:  # every rank of a group (spawned here or by torchrun) reads the same choice
+            os.environ[env] = value
     group_args = (model, args.sp, args.cfg_parallel, args.dtype, args.device, args.collective_timeout)
     if is_torchrun_follower():  # under torchrun, rank 0 runs the pipeline and writes the output
         follow_as_rank(*group_args)
@@ -200,7 +215,9 @@ def _run_pipeline(model: str, options, images, args: argparse.Namespace, denoise
     from common.pipeline import Pipeline
 
     torch.set_grad_enabled(False)
-    pipeline = Pipeline(model, dtype=args.dtype, device=args.device, denoiser=denoiser)
+    pipeline = Pipeline(
+        model, dtype=args.dtype, device=args.device, denoiser=denoiser, kernels=args.kernels, compile=args.compile
+    )
     resolved = pipeline.resolve(options, images)
     print(f"seed {resolved.seed}", file=sys.stderr)
     options = dataclasses.replace(options, seed=resolved.seed)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import signal
 from collections.abc import Callable
 
@@ -39,6 +40,7 @@ from common.serving.jobs import JobQueue
 from common.serving.server import Service
 from common.serving.status import GROUP_FAILED, with_reason
 from common.validation import check_condition, check_embeddings, check_resolved, limits_from_args
+from common.warmup import parse_sizes, warm_up
 from common.wire import LATENTS, pack, unpack
 from imagegen.v1 import common_pb2, denoiser_pb2, denoiser_pb2_grpc
 
@@ -96,7 +98,25 @@ def make_engine(args: argparse.Namespace, model: HostedModel):
     if args.sp * (2 if args.cfg_parallel else 1) > 1 or launched_by_torchrun():
         with LOAD_LOCK:  # from_pretrained is not thread-safe (services/all_in_one loads stages in parallel)
             return GroupEngine(args, model)
-    return model.load(model.family.denoiser)
+    return model.load(functools.partial(model.family.denoiser, kernels=args.kernels, compile=args.compile))
+
+
+def export_kernel_choice(args: argparse.Namespace) -> None:
+    """Ranks started by this process (a spawned group) read the kernel path from the environment."""
+    for env, value in (("IMAGEGEN_KERNELS", args.kernels), ("IMAGEGEN_COMPILE", args.compile)):
+        if value:
+            os.environ[env] = value
+
+
+def prepare_engine(args: argparse.Namespace, model: HostedModel):
+    """Load, then warm the fast path up for `--warmup-sizes` before the service reports SERVING."""
+    export_kernel_choice(args)
+    engine = make_engine(args, model)
+    stage = getattr(engine, "stage", engine)
+    if getattr(stage, "kernels", "reference") == "fast" and str(model.device).startswith("cuda"):
+        sizes = parse_sizes(args.warmup_sizes, model.family)
+        warm_up(engine, model.family, model.folder.config("transformer"), sizes)
+    return engine
 
 
 def follow(args: argparse.Namespace) -> int:
@@ -105,6 +125,7 @@ def follow(args: argparse.Namespace) -> int:
     torchrun forwards SIGTERM to every rank; this one keeps following until rank 0, done draining, broadcasts
     stop (or dies: then the next collective fails and this process exits non-zero)."""
     signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: following rank 0 until it stops the group"))
+    export_kernel_choice(args)
     model = HostedModel.from_args(args)
     dtype = str(model.dtype).removeprefix("torch.")
     follow_as_rank(args.model, args.sp, args.cfg_parallel, dtype, model.device, args.collective_timeout)
@@ -125,7 +146,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
         model = self.model
         loader = compute_thread("denoiser-load")
         try:
-            self.engine = await in_executor(loader, make_engine, self.args, model)
+            self.engine = await in_executor(loader, prepare_engine, self.args, model)
         finally:
             loader.shutdown(wait=False)
         self.stage = getattr(self.engine, "stage", self.engine)

@@ -62,6 +62,29 @@ def denoiser_flags(parser: argparse.ArgumentParser) -> None:
         "jobs that may wait; more answer RESOURCE_EXHAUSTED",
         type=positive_int,
     )
+    add_flag(
+        parser,
+        "--kernels",
+        "IMAGEGEN_KERNELS",
+        None,
+        "fast or reference (bitwise equal to diffusers on the same GPU); default fast on cuda, reference on cpu",
+        choices=["fast", "reference"],
+    )
+    add_flag(
+        parser,
+        "--compile",
+        "IMAGEGEN_COMPILE",
+        "on",
+        "compile the fast path's DiT blocks (on, off, or auto: only when the compiler cache is warm)",
+        choices=["on", "off", "auto"],
+    )
+    add_flag(
+        parser,
+        "--warmup-sizes",
+        "IMAGEGEN_WARMUP_SIZES",
+        "default",
+        "WIDTHxHEIGHT,... compiled and captured before SERVING (default: the family's default size; none)",
+    )
 
 
 def vae_flags(parser: argparse.ArgumentParser) -> None:

@@ -24,6 +24,7 @@ class Family:
     vae: type
     denoiser: type
     default_size: Callable[[list[tuple[int, int]]], tuple[int, int] | None]
+    warmup_jobs: Callable[[int, int, dict], list]  # (width, height, transformer config) -> DenoiseJobs
 
     @property
     def takes_images(self) -> bool:
@@ -40,6 +41,7 @@ def _qwen(name: str, text_components: tuple[str, ...]) -> Family:
         vae=qwen_image.QwenVae,
         denoiser=qwen_image.QwenDenoiser,
         default_size=lambda sizes, _name=name: qwen_image.default_size(_name, sizes),
+        warmup_jobs=lambda w, h, config, _name=name: qwen_image.warmup_jobs(_name, w, h, config),
     )
 
 
@@ -56,6 +58,7 @@ FAMILIES: dict[str, Family] = {
         vae=z_image.ZImageVae,
         denoiser=z_image.ZImageDenoiser,
         default_size=lambda sizes: None,
+        warmup_jobs=z_image.warmup_jobs,
     ),
 }
 

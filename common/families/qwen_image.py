@@ -34,7 +34,7 @@ from common.fused import linear_gelu_tanh
 from common.graphs import maybe_graphed
 from common.kernels import attention_rows, compiled, fuse_linears, mark_dynamic, pad_rows, rotary_tables, rotate_pairs
 from common.latents import initial_noise, patchify, unpatchify
-from common.options import FamilyDefaults
+from common.options import FamilyDefaults, ResolvedOptions
 from common.rope import Rotary
 from common.schedule import Schedule, make_schedule
 from common.sharding import LOCAL, Sharding
@@ -461,6 +461,10 @@ class QwenFastDiT:
         pre, post = self.stages(compile)
         hidden = tr.img_in(torch.cat([latents, inputs.condition], dim=1))
         index = inputs.modulate_index if self.zero_cond_t else None
+        if inputs.condition.shape[1]:  # edit sequences vary with the input images: one graph serves them all
+            for tensor in (hidden, inputs.img_cos, inputs.img_sin, index):
+                if tensor is not None:
+                    mark_dynamic(tensor, 1 if tensor is hidden else 0)
         text = tr.txt_in(tr.txt_norm(inputs.text))
         image_len = hidden.shape[1]
         valid = tuple(image_len + n for n in text_lengths)
@@ -628,3 +632,26 @@ class QwenDenoiser(DenoiseStage):
         if compile:
             self.compiled_forward_ran()
         return latents
+
+
+def warmup_jobs(family: str, width: int, height: int, config: dict) -> list[DenoiseJob]:
+    """Two-step jobs that trace every shape class a request of this size meets (`common.warmup`): CFG with
+    prompts of different lengths, and no CFG; edits carry one condition image of the output's size."""
+    generator = torch.Generator().manual_seed(0)
+    dim = config.get("joint_attention_dim", 3584)
+
+    def embeds(length: int) -> torch.Tensor:
+        return torch.randn(length, dim, generator=generator) * 0.1
+
+    condition, shapes = None, []
+    if VARIANTS[family].is_edit:
+        shapes = [token_grid(width, height)]
+        condition = torch.randn(1, math.prod(shapes[0]), config.get("in_channels", 64), generator=generator)
+
+    def options(negative: str | None) -> ResolvedOptions:
+        return ResolvedOptions(family, "warm-up", negative, width, height, 2, 4.0, 0.0, 1.0, 512, 0, 1, len(shapes))
+
+    return [
+        DenoiseJob(options(" "), embeds(24), embeds(11), condition, shapes),
+        DenoiseJob(options(None), embeds(24), None, condition, shapes),
+    ]

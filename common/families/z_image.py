@@ -41,7 +41,7 @@ from common.kernels import (
     sdpa,
 )
 from common.latents import initial_noise, patchify, unpatchify
-from common.options import FamilyDefaults
+from common.options import FamilyDefaults, ResolvedOptions
 from common.rope import Rotary
 from common.schedule import Schedule, make_schedule
 from common.sharding import LOCAL, SequencePlan, Sharding
@@ -540,3 +540,21 @@ class ZImageDenoiser(DenoiseStage):
     def _names(all_names: list[str], scales: list[float] | None, step: int) -> list[str]:
         """The branches step `step` runs: both while CFG applies, the positive one where truncation cut it."""
         return all_names if scales is not None and scales[step] > 0 else ["positive"]
+
+
+def warmup_jobs(width: int, height: int, config: dict) -> list[DenoiseJob]:
+    """Two-step jobs that trace every shape class a request of this size meets (`common.warmup`): CFG with
+    captions that pad to different lengths, and no CFG (Turbo)."""
+    generator = torch.Generator().manual_seed(0)
+    dim = config.get("cap_feat_dim", 2560)
+
+    def embeds(length: int) -> torch.Tensor:
+        return torch.randn(length, dim, generator=generator) * 0.1
+
+    def options(negative: str | None, guidance: float) -> ResolvedOptions:
+        return ResolvedOptions("z-image", "warm-up", negative, width, height, 2, guidance, 0.0, 1.0, 512, 0, 1)
+
+    return [
+        DenoiseJob(options("", 4.0), embeds(24), embeds(40)),
+        DenoiseJob(options(None, 0.0), embeds(24)),
+    ]

@@ -1,0 +1,48 @@
+"""Warm-up before a denoiser reports SERVING: compile, autotune and capture the fast path for the configured
+sizes, so the first real request of those sizes pays none of it (other sizes compile on first use, once).
+
+Each family supplies its warm-up jobs (`Family.warmup_jobs`): a short CFG job whose two prompts have different
+lengths (the text-length dimension compiles dynamic, and both attention layouts are traced) and one without
+CFG. Inductor's caches live under `common.kernels.cache_root()`, so a restart on the same machine mostly loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from common.denoise import StepHooks
+from common.errors import InvalidArgument
+from common.families import Family
+
+log = logging.getLogger(__name__)
+
+
+def parse_sizes(text: str | None, family: Family) -> list[tuple[int, int]]:
+    """`"1024x1024,768x1344"` -> [(width, height), ...]; `"default"` is the family's default size, `"none"` or
+    empty nothing."""
+    text = (text or "").strip().lower()
+    if text in ("", "none", "off"):
+        return []
+    if text == "default":
+        side = family.defaults.size or 1024
+        return [(side, side)]
+    sizes = []
+    for part in text.split(","):
+        width, sep, height = part.strip().partition("x")
+        if not sep or not width.isdigit() or not height.isdigit() or int(width) % 16 or int(height) % 16:
+            raise InvalidArgument("warmup_sizes", f"expected WIDTHxHEIGHT (multiples of 16), got {part!r}")
+        sizes.append((int(width), int(height)))
+    return sizes
+
+
+def warm_up(engine, family: Family, transformer_config: dict, sizes: list[tuple[int, int]]) -> float:
+    """Run the family's warm-up jobs of every size through `engine` (`run(job, hooks)`); seconds taken."""
+    start = time.perf_counter()
+    for width, height in sizes:
+        for job in family.warmup_jobs(width, height, transformer_config):
+            engine.run(job, StepHooks())
+    seconds = time.perf_counter() - start
+    if sizes:
+        log.info("warm-up of %s done in %.1f s", ", ".join(f"{w}x{h}" for w, h in sizes), seconds)
+    return seconds
