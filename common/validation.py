@@ -40,6 +40,8 @@ class ModelInputs(NamedTuple):
     embedding_dim: int  # the text encoder's hidden width the transformer projects from
     max_text_tokens: int  # most prompt tokens whose RoPE rows exist next to this job's image grids
     condition_channels: int | None  # channels of packed edit-image latents; None: the model takes no images
+    max_condition_tokens: int = 0  # most tokens of one edit image's grid (the VAE resizes to a fixed area)
+    max_grid_side: int = 0  # most token rows or columns of a grid (the RoPE tables' reach)
 
 
 def limits_from_args(args: argparse.Namespace) -> Limits:
@@ -144,7 +146,7 @@ def check_condition(
     limits: Limits,
 ) -> None:
     """Edit-image latents `[1, S, C]` and their token grids: one grid per input image, single frames, no more
-    tokens per image than the largest allowed output has, S = the grids' tokens."""
+    tokens per image than the VAE's resize makes, S = the grids' tokens."""
     if options.num_input_images == 0:
         if latents is not None or shapes:
             raise InvalidArgument("condition", "given, but options.num_input_images is 0")
@@ -157,14 +159,14 @@ def check_condition(
         raise InvalidArgument(
             "condition.shapes", f"{len(shapes)} grids for options.num_input_images = {options.num_input_images}"
         )
-    most = (limits.max_side // 16) ** 2
+    most = inputs.max_condition_tokens
     tokens = 0
     for index, (frames, rows, cols) in enumerate(shapes):
         field = f"condition.shapes[{index}]"
         if frames != 1:
             raise InvalidArgument(f"{field}.frames", f"must be 1, got {frames}")
         for name, value in (("rows", rows), ("cols", cols)):
-            check_int(f"{field}.{name}", value, 1, limits.max_side)
+            check_int(f"{field}.{name}", value, 1, inputs.max_grid_side)
         if rows * cols > most:
             raise InvalidArgument(field, f"{rows}x{cols} tokens; at most {most} per image")
         tokens += rows * cols

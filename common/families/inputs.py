@@ -33,9 +33,12 @@ def denoiser_inputs(family: Family, stage: object, job: DenoiseJob) -> ModelInpu
     opts = job.options
     grids = [qwen_image.token_grid(opts.width, opts.height), *job.condition_shapes]
     start = max(max(rows // 2, cols // 2) for _, rows, cols in grids)
-    rows = transformer.pos_embed.pos_freqs.shape[0]
-    channels = config.in_channels if family.takes_images else None
-    return ModelInputs(config.joint_attention_dim, rows - start, channels)
+    table = transformer.pos_embed.pos_freqs.shape[0]
+    if not family.takes_images:
+        return ModelInputs(config.joint_attention_dim, table - start, None)
+    # An edit image is resized to about `vae_area` pixels (sides rounded to 32): twice its tokens is a safe bound.
+    tokens = 2 * qwen_image.VARIANTS[family.name].vae_area // qwen_image.PATCH_MULTIPLE**2
+    return ModelInputs(config.joint_attention_dim, table - start, config.in_channels, tokens, table)
 
 
 def latent_shape(family: Family, stage: object, width: int, height: int) -> tuple[int, ...]:
