@@ -224,3 +224,16 @@ def assert_parity(ours: Run, reference: Run, tolerance: float = TOLERANCE) -> No
     diffs = compare_runs(ours, reference)
     worst = max(diffs, key=diffs.get)
     assert diffs[worst] <= tolerance, f"max |diff| {diffs[worst]:.3g} at {worst} (all: {diffs})"
+
+
+_references: dict[str, Run] = {}
+
+
+def reference_run(name: str) -> Run:
+    """The diffusers run of `CASES[name]`, computed once per test session (parity, fast-path and trap tests)."""
+    if name not in _references:
+        from common.tiny import tiny_checkpoint_cached
+
+        case = CASES[name]
+        _references[name] = run_diffusers(tiny_checkpoint_cached(case.family, case.variant), case)
+    return _references[name]

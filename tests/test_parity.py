@@ -14,7 +14,7 @@ from common.families import qwen_image, z_image
 from common.pipeline import Pipeline
 from common.rope import Rotary
 from common.tiny import tiny_checkpoint_cached
-from tests.parity import CASES, THREADS, TOLERANCE, Case, assert_parity, compare_runs, run_diffusers, run_ours
+from tests.parity import CASES, THREADS, TOLERANCE, Case, assert_parity, compare_runs, reference_run, run_ours
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,15 +29,9 @@ def checkpoint(case: Case):
     return tiny_checkpoint_cached(case.family, case.variant)
 
 
-_references: dict[str, object] = {}
-
-
 def reference(name: str):
-    """The diffusers run of a case, computed once per session (the trap tests reuse it)."""
-    if name not in _references:
-        case = CASES[name]
-        _references[name] = run_diffusers(checkpoint(case), case)
-    return _references[name]
+    """The diffusers run of a case, computed once per session (the trap and fast-path tests reuse it)."""
+    return reference_run(name)
 
 
 @pytest.mark.parametrize("name", list(CASES))
