@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -162,3 +163,20 @@ def test_e2e_benchmark_smoke() -> None:
     for row in rows:
         psnr = float(row.split("|")[6])
         assert psnr > 80, row
+
+
+def test_cli_kernels_flag(tmp_path, capsys) -> None:
+    from imagegen.cli import main as cli_main
+
+    model = str(tiny_checkpoint_cached("qwen-image"))
+    common = ["generate", "--model", model, "--prompt", "a red fox", "--negative-prompt", " ", "--steps", "2"]
+    common += ["--width", "32", "--height", "32", "--seed", "9"]
+    outputs = {}
+    for kernels_path in ("fast", "reference"):
+        out = tmp_path / f"{kernels_path}.npy"
+        assert cli_main([*common, "--kernels", kernels_path, "--compile", "off", "--output", str(out)]) == 0
+        outputs[kernels_path] = np.load(out)
+    assert np.abs(outputs["fast"] - outputs["reference"]).max() <= TOLERANCE
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([*common, "--kernels", "quick", "--output", str(tmp_path / "x.npy")])
+    assert exit_info.value.code == 2 and "--kernels" in capsys.readouterr().err
