@@ -69,6 +69,20 @@ WORKLOADS = {
     "qwen-image-2048": Workload("qwen-image", None, 2048, 8, 4.0, " "),
 }
 SMOKE_SIZE, SMOKE_STEPS = 64, 3
+# Z-Image's FLUX-style VAE (shared/docs/full-size-configs.md)
+FLUX_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    layers_per_block=2,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
 
 
 def sync() -> None:
@@ -166,23 +180,7 @@ def full_size_modules(family: str, folder) -> dict:
             setattr(config, key, value)
         config.layer_types = ["full_attention"] * 36
         text_encoder = _build(Qwen3Model, config, 2)
-        vae = _build(
-            AutoencoderKL,
-            dict(
-                in_channels=3,
-                out_channels=3,
-                latent_channels=16,
-                block_out_channels=[128, 256, 512, 512],
-                down_block_types=["DownEncoderBlock2D"] * 4,
-                up_block_types=["UpDecoderBlock2D"] * 4,
-                layers_per_block=2,
-                scaling_factor=0.3611,
-                shift_factor=0.1159,
-                use_quant_conv=False,
-                use_post_quant_conv=False,
-            ),
-            3,
-        )
+        vae = _build(AutoencoderKL, FLUX_VAE, 3)
     return {"transformer": transformer, "text_encoder": text_encoder, "vae": vae, "processors": Processors(transformer)}
 
 

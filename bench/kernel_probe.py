@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import traceback
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def emit(**fields) -> None:
@@ -221,22 +225,11 @@ def probe_matmul() -> None:
 def probe_vae() -> None:
     from diffusers import AutoencoderKL, AutoencoderKLQwenImage
 
+    from bench.e2e_gpu import FLUX_VAE
+
     torch.manual_seed(0)
-    flux = dict(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=16,
-        block_out_channels=[128, 256, 512, 512],
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        layers_per_block=2,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
     for name, build, latent in (
-        ("flux-vae", lambda: AutoencoderKL(**flux), (1, 16, 128, 128)),
+        ("flux-vae", lambda: AutoencoderKL(**FLUX_VAE), (1, 16, 128, 128)),
         ("qwen-vae", lambda: AutoencoderKLQwenImage(), (1, 16, 1, 128, 128)),
     ):
         vae = build().to("cuda", torch.bfloat16).eval()
@@ -269,11 +262,8 @@ def probe_vae() -> None:
 
 def probe_blocks() -> None:
     """Our DiT forwards over a few full-width blocks: eager vs each block compiled (fullgraph, static shapes)."""
-    import sys
     import time
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from diffusers import QwenImageTransformer2DModel, ZImageTransformer2DModel
 
     from common.attention import LOCAL_ATTENTION, AttentionLayout

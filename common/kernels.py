@@ -114,29 +114,36 @@ def should_compile(mode: str, forwards: int, marker: CompileMarker, device: torc
 
 # -------------------------------------------------------------------------------------------- fused weights
 def fuse_linears(owner: torch.nn.Module, name: str, linears: list[torch.nn.Linear]) -> None:
-    """Register `owner.<name>_weight` (and `_bias`) as the row-wise concatenation of `linears`, and make each
-    linear's parameters views into it: one matmul instead of several, and no second copy of the weights (the
-    reference path keeps using the linears, whose values are unchanged)."""
+    """Register `owner.<name>_weight` (and `_bias`, or None) as the row-wise concatenation of `linears`, and
+    make each linear's parameters views into it: one matmul instead of several, and no second copy of the
+    weights (the reference path keeps using the linears, whose values are unchanged). Idempotent."""
     if hasattr(owner, f"{name}_weight"):
         return
-    with torch.no_grad():
-        weight = torch.cat([lin.weight for lin in linears])
-        owner.register_buffer(f"{name}_weight", weight, persistent=False)
-        start = 0
-        for lin in linears:
-            rows = lin.weight.shape[0]
-            lin.weight.data = weight[start : start + rows]
-            start += rows
-        if linears[0].bias is not None:
-            bias = torch.cat([lin.bias for lin in linears])
-            owner.register_buffer(f"{name}_bias", bias, persistent=False)
-            start = 0
-            for lin in linears:
-                rows = lin.bias.shape[0]
-                lin.bias.data = bias[start : start + rows]
-                start += rows
-        else:
-            owner.register_buffer(f"{name}_bias", None, persistent=False)
+    for kind in ("weight", "bias"):
+        params = [getattr(lin, kind) for lin in linears]
+        if params[0] is None:
+            owner.register_buffer(f"{name}_{kind}", None, persistent=False)
+            continue
+        with torch.no_grad():
+            fused = torch.cat(params)
+        owner.register_buffer(f"{name}_{kind}", fused, persistent=False)
+        for param, rows in zip(params, fused.split([p.shape[0] for p in params]), strict=True):
+            param.data = rows
+
+
+class BlockStages:
+    """A block's functions before and after attention, run as they are or compiled (once, on first use)."""
+
+    def __init__(self, pre: Callable, post: Callable) -> None:
+        self.raw = (pre, post)
+        self._compiled: tuple[Callable, Callable] | None = None
+
+    def __call__(self, compile: bool) -> tuple[Callable, Callable]:
+        if not compile:
+            return self.raw
+        if self._compiled is None:
+            self._compiled = (compiled(self.raw[0]), compiled(self.raw[1]))
+        return self._compiled
 
 
 # ------------------------------------------------------------------------------------------------------ RoPE

@@ -32,7 +32,15 @@ from common.checkpoint import ModelFolder
 from common.denoise import DenoiseJob, DenoiseStage, StepHooks, run_denoise_loop
 from common.fused import linear_gelu_tanh
 from common.graphs import maybe_graphed
-from common.kernels import attention_rows, compiled, fuse_linears, mark_dynamic, pad_rows, rotary_tables, rotate_pairs
+from common.kernels import (
+    BlockStages,
+    attention_rows,
+    fuse_linears,
+    mark_dynamic,
+    pad_rows,
+    rotary_tables,
+    rotate_pairs,
+)
 from common.latents import initial_noise, patchify, unpatchify
 from common.options import FamilyDefaults, ResolvedOptions
 from common.rope import Rotary
@@ -417,14 +425,7 @@ class QwenFastDiT:
             attn = block.attn
             fuse_linears(attn, "img_qkv", [attn.to_q, attn.to_k, attn.to_v])
             fuse_linears(attn, "txt_qkv", [attn.add_q_proj, attn.add_k_proj, attn.add_v_proj])
-        self._compiled = None
-
-    def stages(self, compile: bool):
-        if not compile:
-            return _block_pre, _block_post
-        if self._compiled is None:
-            self._compiled = (compiled(_block_pre), compiled(_block_post))
-        return self._compiled
+        self.stages = BlockStages(_block_pre, _block_post)
 
     def _temb(self, timestep: torch.Tensor) -> torch.Tensor:
         tr = self.transformer

@@ -31,8 +31,8 @@ from common.checkpoint import ModelFolder
 from common.denoise import DenoiseJob, DenoiseStage, StepHooks, run_denoise_loop
 from common.graphs import maybe_graphed
 from common.kernels import (
+    BlockStages,
     attention_rows,
-    compiled,
     fuse_linears,
     mark_dynamic,
     pad_rows,
@@ -324,14 +324,7 @@ class ZImageFastDiT:
             attn, ff = layer.attention, layer.feed_forward
             fuse_linears(attn, "qkv", [attn.to_q, attn.to_k, attn.to_v])
             fuse_linears(ff, "w13", [ff.w1, ff.w3])
-        self._compiled = None
-
-    def stages(self, compile: bool):
-        if not compile:
-            return _layer_pre, _layer_post
-        if self._compiled is None:
-            self._compiled = (compiled(_layer_pre), compiled(_layer_post))
-        return self._compiled
+        self.stages = BlockStages(_layer_pre, _layer_post)
 
     def __call__(
         self,
