@@ -77,9 +77,9 @@ def client_loop(address: str, worker: int, clients: int, stop: threading.Event, 
                     record.lost.append(problem)
 
 
-def start_stack(logs: Path) -> dict:
+def start_stack(logs: Path, log_level: str) -> dict:
     redis = RedisServer(logs)
-    model = ["--model", str(tiny_checkpoint_cached(MODEL)), "--model-id", MODEL, "--log-level", "warning"]
+    model = ["--model", str(tiny_checkpoint_cached(MODEL)), "--model-id", MODEL, "--log-level", log_level]
     cache = ["--redis-url", redis.url]
     stages = {
         "encoder": Service("encoder", "encoder", model + cache, logs),
@@ -89,7 +89,7 @@ def start_stack(logs: Path) -> dict:
     for service in stages.values():
         service.wait_serving()
     backends = [f"--{name}={service.address}" for name, service in stages.items()]
-    gateway = Service("gateway", "gateway", [*backends, "--log-level", "warning"], logs)
+    gateway = Service("gateway", "gateway", [*backends, "--log-level", log_level], logs)
     gateway.wait_serving()
     return {"redis": redis, **stages, "gateway": gateway}
 
@@ -118,10 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--log-level", default="warning", help="of the services (their logs stay in a temp folder)")
     args = parser.parse_args(argv)
     duration = args.minutes * 60
     logs = Path(tempfile.mkdtemp(prefix="imagegen-soak-"))
-    stack = start_stack(logs)
+    stack = start_stack(logs, args.log_level)
+    print(f"logs in {logs}", file=sys.stderr)
     try:
         with ImageClient(stack["gateway"].address, timeout=120) as client:
             refs = {prompt: client.generate(prompt, seed=seed, **OPTIONS).array for prompt, seed in KEYS}

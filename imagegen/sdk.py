@@ -328,14 +328,18 @@ class ImageClient:
 
         def streamed(t: float | None) -> Result:
             call = stream(request, timeout=t, metadata=self._core.metadata)
+            result = None
             try:
                 for event in call:
                     if event.HasField("result"):
-                        return self._core.result(event.result)
+                        result = self._core.result(event.result)  # the stream ends next: read its status
+                        continue
                     progress(self._core.progress(event.progress))
             finally:
                 call.cancel()  # an exception in the callback (or ^C) cancels the request on the server too
-            raise ImageServiceError(ErrorDetails(grpc.StatusCode.INTERNAL, "stream ended without a result"))
+            if result is None:
+                raise ImageServiceError(ErrorDetails(grpc.StatusCode.INTERNAL, "stream ended without a result"))
+            return result
 
         return self._retrying(streamed, timeout)
 
@@ -414,16 +418,20 @@ class AsyncImageClient:
             if progress is None:
                 return self._core.result(await unary(request, timeout=t, metadata=self._core.metadata))
             call = stream(request, timeout=t, metadata=self._core.metadata)
+            result = None
             try:
                 async for event in call:
                     if event.HasField("result"):
-                        return self._core.result(event.result)
+                        result = self._core.result(event.result)  # the stream ends next: read its status
+                        continue
                     outcome = progress(self._core.progress(event.progress))
                     if asyncio.iscoroutine(outcome):
                         await outcome
             finally:
                 call.cancel()
-            raise ImageServiceError(ErrorDetails(grpc.StatusCode.INTERNAL, "stream ended without a result"))
+            if result is None:
+                raise ImageServiceError(ErrorDetails(grpc.StatusCode.INTERNAL, "stream ended without a result"))
+            return result
 
         return await self._retrying(once, timeout)
 

@@ -80,8 +80,9 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         response = vae_pb2.DecodeResponse()
         blobs = await in_executor(self.executor, self._decode, latents, width, height, fmt, unwanted=caller.gone)
         del latents
-        for blob in blobs:
-            response.images.add(data=blob, format=value, width=width, height=height)
+        blobs.reverse()
+        while blobs:  # each image moves into the response: one copy of the images at a time, not two
+            response.images.add(data=blobs.pop(), format=value, width=width, height=height)
         return response
 
     def _decode(self, latents, width: int, height: int, fmt: str) -> list[bytes]:

@@ -26,7 +26,7 @@ from common.serving.embeddings import EmbeddingCache, load_embeddings
 from common.serving.handlers import QueueFull, rpc
 from common.serving.jobs import JobQueue
 from common.serving.retry import Deadline, RetryPolicy
-from common.serving.routes import parse_routes
+from common.serving.routes import RouteTable, parse_routes
 from common.serving.status import (
     EMBEDDINGS_MISSING,
     QUEUE_FULL,
@@ -40,7 +40,7 @@ from common.serving.status import (
 from common.serving.tls import TlsConfig
 from common.serving.transport import client_options
 from common.wire import pack, unpack
-from imagegen.v1 import encoder_pb2, encoder_pb2_grpc
+from imagegen.v1 import common_pb2, denoiser_pb2_grpc, encoder_pb2, encoder_pb2_grpc, vae_pb2_grpc
 
 
 # ------------------------------------------------------------------------------------------------ wire, outputs
@@ -346,6 +346,10 @@ def test_one_retry_budget_per_request_and_no_retry_of_what_was_retried():
     gone = parse_error(_rpc_error(fresh.failure(_rpc_error(RpcFailure(grpc.StatusCode.UNAVAILABLE, "down")))))
     assert (gone.code, gone.reason) == (grpc.StatusCode.UNAVAILABLE, RETRIES_EXHAUSTED)
     assert RetryPolicy().budget(Deadline(10)).delay(gone) is None
+    # CANCELLED as an answer means the other side dropped the call (a connection torn down): retried too.
+    assert RetryPolicy().budget(Deadline(10)).delay(ErrorDetails(grpc.StatusCode.CANCELLED, "CANCELLED")) is not None
+    dropped = parse_error(_rpc_error(fresh.failure(_rpc_error(RpcFailure(grpc.StatusCode.CANCELLED, "gone")))))
+    assert dropped.reason == RETRIES_EXHAUSTED and RetryPolicy().budget(Deadline(10)).delay(dropped) is None
     # A retry that would end after the deadline is not made.
     assert RetryPolicy().budget(Deadline(0.0)).delay(unavailable) is None
     # Final errors that were never retryable are relayed as they are.
@@ -455,3 +459,47 @@ def test_denoiser_group_with_a_degree_that_does_not_divide_the_heads_fails_at_st
         GroupError, match="--sp 3 does not divide the model's 4 attention heads; valid degrees: 1, 2, 4"
     ):
         make_engine(args, HostedModel.from_args(args))
+
+
+class _Describer(
+    encoder_pb2_grpc.EncoderServiceServicer,
+    denoiser_pb2_grpc.DenoiserServiceServicer,
+    vae_pb2_grpc.VaeServiceServicer,
+):
+    async def Describe(self, request, context):
+        return common_pb2.ModelInfo(model_id="up", family="qwen-image")
+
+
+def test_gateway_is_ready_with_its_default_route_while_another_model_is_down():
+    async def scenario():
+        port = free_port()
+        server = grpc.aio.server()
+        servicer = _Describer()
+        for add in (
+            encoder_pb2_grpc.add_EncoderServiceServicer_to_server,
+            denoiser_pb2_grpc.add_DenoiserServiceServicer_to_server,
+            vae_pb2_grpc.add_VaeServiceServicer_to_server,
+        ):
+            add(servicer, server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        up = dict.fromkeys(("encoder", "denoiser", "vae"), f"127.0.0.1:{port}")
+        down = {stage: f"127.0.0.1:{free_port()}" for stage in ("encoder", "denoiser", "vae")}
+        table = RouteTable({"up": up, "down": down}, "up", TlsConfig(), RetryPolicy())
+        try:
+            await asyncio.wait_for(table.discover(), 10)  # returns although "down" never answers
+            route, family = await table.get("", RetryPolicy().budget(Deadline(5)))
+            start = time.monotonic()
+            with pytest.raises(RpcFailure) as caught:
+                await table.get("down", RetryPolicy().budget(Deadline(1)))
+            waited = time.monotonic() - start
+        finally:
+            await table.close()
+            await server.stop(0)
+        return route.name, family.name, caught.value, waited
+
+    name, family, failure, waited = asyncio.run(scenario())
+    assert (name, family) == ("up", "qwen-image")
+    # A request for the model that is down waits for it within its deadline, then says so without its address.
+    assert failure.code == grpc.StatusCode.DEADLINE_EXCEEDED and 0.9 < waited < 3
+    assert "127.0.0.1" not in failure.message

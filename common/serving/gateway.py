@@ -169,13 +169,16 @@ class Gateway:
         while True:
             call = route.denoiser.Denoise(request, timeout=budget.deadline.remaining(), wait_for_ready=True)
             try:
+                latents = None
                 async for event in call:
                     if event.HasField("latents"):
-                        yield event.latents
-                        return
+                        latents = event.latents  # the stream ends next: read its status instead of cancelling it
+                        continue
                     progress = event.progress
                     progress.request_id = request.request_id
                     yield progress
+                if latents is not None:
+                    yield latents
                 return
             except grpc.aio.AioRpcError as error:
                 delay = budget.delay(error)

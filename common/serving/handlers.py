@@ -64,7 +64,8 @@ def _failure(exc: BaseException, context: grpc.aio.ServicerContext) -> RpcFailur
     if isinstance(exc, ResponseTooLarge):
         return with_reason(grpc.StatusCode.RESOURCE_EXHAUSTED, RESPONSE_TOO_LARGE, str(exc))
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory: {exc}")
+        log.warning("out of memory", exc_info=exc)  # the allocator's details are for the log, not the caller
+        return RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory (request id {request_id_var.get()})")
     if isinstance(exc, grpc.RpcError):
         return relay(exc)
     log.error("unhandled error", exc_info=exc)

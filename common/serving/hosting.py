@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 
 from common.checkpoint import ModelFolder, open_model_folder, parse_device, parse_dtype
+from common.errors import ModelLoadError
 from common.families import Family, get_family
 from common.serving.config import ConfigError
+from common.serving.handlers import QueueFull
 from imagegen.v1 import common_pb2
 
 # `from_pretrained` (diffusers and transformers) patches torch globally while it builds a model on the meta
@@ -50,7 +52,10 @@ class HostedModel:
     def load(self, stage: Callable) -> object:
         """Construct a stage class (`family.text_encoder`, `.vae`, `.denoiser`, or a factory) on this model."""
         with LOAD_LOCK:
-            return stage(self.folder, self.dtype, self.device)
+            try:
+                return stage(self.folder, self.dtype, self.device)
+            except ValueError as exc:  # e.g. an unsupported transformer variant: one line, not a traceback
+                raise ModelLoadError(f"{self.folder.path}: {exc}") from exc
 
     @property
     def device_type(self) -> str:
@@ -68,6 +73,34 @@ class HostedModel:
         )
 
 
-def compute_thread(name: str) -> ThreadPoolExecutor:
-    """One thread runs the model: torch ops already use every core, and one at a time keeps memory bounded."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+COMPUTE_BACKLOG = 64  # calls that may wait for a stage's compute thread; more answer RESOURCE_EXHAUSTED
+
+
+class ComputeThread(ThreadPoolExecutor):
+    """One thread runs the model: torch ops already use every core, and one at a time keeps memory bounded. At
+    most `backlog` calls wait for it; more raise `QueueFull` (RESOURCE_EXHAUSTED with a retry hint), so an
+    overloaded stage sheds load instead of queueing without bound."""
+
+    def __init__(self, name: str, backlog: int = COMPUTE_BACKLOG) -> None:
+        super().__init__(max_workers=1, thread_name_prefix=name)
+        self.name = name
+        self.backlog = backlog
+        self._waiting = 0
+        self._lock = threading.Lock()
+
+    def submit(self, fn, /, *args, **kwargs):
+        with self._lock:
+            if self._waiting >= self.backlog:
+                raise QueueFull(f"{self.name}: {self.backlog} calls are already waiting")
+            self._waiting += 1
+        future = super().submit(fn, *args, **kwargs)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, _future) -> None:
+        with self._lock:
+            self._waiting -= 1
+
+
+def compute_thread(name: str, backlog: int = COMPUTE_BACKLOG) -> ComputeThread:
+    return ComputeThread(name, backlog)

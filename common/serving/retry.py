@@ -20,6 +20,7 @@ from google.rpc import error_details_pb2
 
 from common.serving.status import DOMAIN, RETRIES_EXHAUSTED, ErrorDetails, RpcFailure, parse_error
 
+_DROPPED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)  # the call did not get an answer from its work
 # A request without a deadline gets this one (gateway and stages), so that nothing waits forever.
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -59,11 +60,13 @@ class RetryPolicy:
     busy_retries: int = 2
 
     def retryable(self, info: ErrorDetails) -> bool:
-        """UNAVAILABLE (a stage restarting, draining or unreachable) and RESOURCE_EXHAUSTED with a retry hint (a
-        full queue), unless whoever answered has already spent the request's retries."""
+        """UNAVAILABLE (a stage restarting, draining or unreachable), CANCELLED as an answer (the other side
+        dropped the call: our own cancellation raises `asyncio.CancelledError`, never reaches here) and
+        RESOURCE_EXHAUSTED with a retry hint (a full queue), unless whoever answered has already spent the
+        request's retries."""
         if info.reason == RETRIES_EXHAUSTED:
             return False
-        if info.code == grpc.StatusCode.UNAVAILABLE:
+        if info.code in _DROPPED:
             return True
         return info.code == grpc.StatusCode.RESOURCE_EXHAUSTED and info.retry_delay is not None
 
@@ -108,9 +111,9 @@ class RetryBudget:
         if not self.policy.retryable(info):
             return RpcFailure(info.code, f"{prefix}{info.message}", info.raw)
         drop = error_details_pb2.RetryInfo
-        if info.code == grpc.StatusCode.UNAVAILABLE:
+        if info.code in _DROPPED:
             drop = error_details_pb2.RetryInfo | error_details_pb2.ErrorInfo
         keep = [d for d in info.raw if not isinstance(d, drop)]
-        if info.code == grpc.StatusCode.UNAVAILABLE:
+        if info.code in _DROPPED:
             keep.append(error_details_pb2.ErrorInfo(reason=RETRIES_EXHAUSTED, domain=DOMAIN))
         return RpcFailure(info.code, f"{prefix}{info.message}", keep)

@@ -57,7 +57,6 @@ class Route:
 
     def __post_init__(self) -> None:
         self.channels: dict[str, grpc.aio.Channel] = {}
-        self._lock = asyncio.Lock()
 
     def _connect(self) -> None:
         """Open the channels (inside the running event loop, which aio channels bind to)."""
@@ -75,30 +74,33 @@ class Route:
         return self.infos["denoiser"].reads_cache
 
     async def describe(self, budget: RetryBudget) -> Family:
-        """Ask the three backends what they host (once; later calls return the answer), waiting for them within
-        `budget`."""
-        async with self._lock:
-            if self.family is not None:
-                return self.family
-            self._connect()
-            stubs = {"encoder": self.encoder, "denoiser": self.denoiser, "vae": self.vae}
-            infos = {}
-            for stage, stub in stubs.items():
-                try:
-                    infos[stage] = await call_with_retries(stub.Describe, common_pb2.DescribeRequest(), stage, budget)
-                except grpc.aio.AioRpcError as exc:
-                    where = f"{stage} of model {self.name or '(default)'} at {self.addresses[stage]}"
-                    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                        raise RpcFailure(exc.code(), f"{where}: not ready in time") from exc
-                    raise budget.failure(exc, f"{where}: ") from exc
-            families = {stage: info.family for stage, info in infos.items()}
-            if len(set(families.values())) != 1:
-                raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, f"backends disagree on the family: {families}")
+        """Ask the three backends what they host (once answered, later calls return the answer), waiting for
+        them within `budget`. Not serialised: a request must not wait out someone else's attempt past its own
+        deadline, and a duplicate Describe is cheap."""
+        if self.family is not None:
+            return self.family
+        self._connect()
+        stubs = {"encoder": self.encoder, "denoiser": self.denoiser, "vae": self.vae}
+        infos = {}
+        for stage, stub in stubs.items():
+            try:
+                infos[stage] = await call_with_retries(stub.Describe, common_pb2.DescribeRequest(), stage, budget)
+            except grpc.aio.AioRpcError as exc:
+                # The backend's address goes to the log, not to the (possibly public) caller.
+                where = f"{stage} of model {self.name or '(default)'}"
+                log.warning("backend not ready", extra={"backend": where, "address": self.addresses[stage]})
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise RpcFailure(exc.code(), f"{where}: not ready in time") from exc
+                raise budget.failure(exc, f"{where}: ") from exc
+        families = {stage: info.family for stage, info in infos.items()}
+        if len(set(families.values())) != 1:
+            raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, f"backends disagree on the family: {families}")
+        if self.family is None:
             self.infos = infos
             self.name = self.name or infos["denoiser"].model_id
             self.family = get_family(infos["denoiser"].family)
             log.info("route ready", extra={"model": self.name, "family": self.family.name, **self.addresses})
-            return self.family
+        return self.family
 
     async def close(self) -> None:
         for channel in self.channels.values():
