@@ -167,10 +167,13 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
             self.service.fail(reason)
 
     async def close(self) -> None:
+        finished = True
         if self.queue is not None:
             # The drain let in-flight jobs finish; what still runs was cancelled and stops within a step.
-            await asyncio.to_thread(self.queue.close, self.args.collective_timeout)
-        if getattr(self, "engine", None) is not None and hasattr(self.engine, "close"):
+            finished = await asyncio.to_thread(self.queue.close, self.args.collective_timeout)
+        if not finished:  # its thread still holds the group: tearing it down here would race its collectives
+            log.error("the denoiser queue did not stop; exiting without releasing the group")
+        elif getattr(self, "engine", None) is not None and hasattr(self.engine, "close"):
             await asyncio.to_thread(self.engine.close)
         if self.store is not None:
             await self.store.close()
