@@ -43,7 +43,8 @@ def decode_image(data: bytes, field: str = "images", max_pixels: int = 64 * 1024
     except (InvalidArgument, MemoryError):
         raise
     except Exception as exc:  # Pillow's decoders fail in many ways on hostile bytes; all are the caller's
-        raise InvalidArgument(field, f"not a readable PNG, JPEG or WEBP image ({type(exc).__name__}: {exc})") from exc
+        reason = f"{type(exc).__name__}: {exc}"
+        raise InvalidArgument(field, f"not a readable image (PNG, JPEG or WEBP; {reason})") from exc
 
 
 def load_image_file(path: str | Path, field: str = "image") -> PIL.Image.Image:
