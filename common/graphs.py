@@ -1,11 +1,13 @@
-"""Replay a DiT forward as one CUDA graph per request and branch.
+"""Replay DiT forwards as CUDA graphs: per request and branch (`GraphedForward`, the reference path), or kept
+across requests and keyed by shape (`GraphCache`, the fast path: a second request of a shape captures nothing).
 
 A 1024x1024 Qwen-Image forward launches ~4,000 kernels; in eager mode the CPU needs longer to launch them
 than the H100 needs to run them, so the GPU idles (and more so when sequence parallelism halves the GPU work).
 Shapes are fixed for the whole denoise loop of a request, so the forward of each CFG branch is captured once,
 after one warm-up call, and replayed every step with the new latents and timestep copied into its static
-inputs. Collectives inside (Ulysses all-to-alls on NCCL) are captured too. On the CPU, or with
-`IMAGEGEN_CUDA_GRAPHS=0`, the forward simply runs eagerly.
+inputs. Collectives inside (Ulysses all-to-alls on NCCL) are captured too. Captures use `thread_local` error
+mode, so other threads' CUDA work (the encoder and VAE stages of `serve all`) cannot invalidate them. On the
+CPU, or with `IMAGEGEN_CUDA_GRAPHS=0`, the forward simply runs eagerly.
 """
 
 from __future__ import annotations
