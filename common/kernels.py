@@ -233,6 +233,14 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: tup
     return [sdpa(q[b : b + 1, :n], k[b : b + 1, :n], v[b : b + 1, :n]) for b, n in enumerate(valid)]
 
 
+def join_rows(rows: list[torch.Tensor], length: int) -> torch.Tensor:
+    """Inverse of `attention_rows`: its outputs as one `[B, length, H, D]` tensor, each row zero-filled after
+    its real tokens (padded rows never reach a real one: they are never attended to)."""
+    if len(rows) == 1:
+        return rows[0]
+    return torch.cat([F.pad(r, (0, 0, 0, 0, 0, length - r.shape[1])) for r in rows])
+
+
 def pad_rows(tensors: list[torch.Tensor], length: int) -> torch.Tensor:
     """`[L_i, D]` tensors -> `[N, length, D]`, zero rows after each one's own length."""
     return torch.stack([F.pad(t, (0, 0, 0, length - t.shape[0])) for t in tensors])

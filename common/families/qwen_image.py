@@ -36,6 +36,7 @@ from common.kernels import (
     BlockStages,
     attention_rows,
     fuse_linears,
+    join_rows,
     mark_dynamic,
     pad_rows,
     rotary_tables,
@@ -380,12 +381,9 @@ def _block_post(block, hidden, text, rows, img_gate1, txt_gate1, img_mod2, txt_m
     """Output projections, gated residuals, norm2 + modulation and the MLPs of both streams. `rows` is the
     attention output: one `[B, S + L, H, D]` tensor, or one `[1, S + L_b, H, D]` per batch row."""
     attn = block.attn
-    split, length = hidden.shape[1], text.shape[1]
-    if len(rows) == 1:
-        img_attn, txt_attn = rows[0][:, :split], rows[0][:, split:]
-    else:
-        img_attn = torch.cat([r[:, :split] for r in rows])
-        txt_attn = torch.cat([F.pad(r[:, split:], (0, 0, 0, 0, 0, length + split - r.shape[1])) for r in rows])
+    split = hidden.shape[1]
+    joint = join_rows(rows, split + text.shape[1])
+    img_attn, txt_attn = joint[:, :split], joint[:, split:]
     hidden = hidden + img_gate1 * attn.to_out[0](img_attn.flatten(2, 3))
     text = text + txt_gate1 * attn.to_add_out(txt_attn.flatten(2, 3))
     img_x, img_gate2 = _modulate(block.img_norm2(hidden), img_mod2, index)
@@ -463,14 +461,14 @@ class QwenFastDiT:
         hidden = tr.img_in(torch.cat([latents, inputs.condition], dim=1))
         index = inputs.modulate_index if self.zero_cond_t else None
         if inputs.condition.shape[1]:  # edit sequences vary with the input images: one graph serves them all
-            for tensor in (hidden, inputs.img_cos, inputs.img_sin, index):
-                if tensor is not None:
-                    mark_dynamic(tensor, 1 if tensor is hidden else 0)
+            mark_dynamic(hidden, 1)
+            for table in (inputs.img_cos, inputs.img_sin, inputs.modulate_index):
+                mark_dynamic(table, 0)
         text = tr.txt_in(tr.txt_norm(inputs.text))
         image_len = hidden.shape[1]
         valid = tuple(image_len + n for n in text_lengths)
-        for tensor, dim in ((inputs.txt_cos, 0), (inputs.txt_sin, 0)):
-            mark_dynamic(tensor, dim)
+        mark_dynamic(inputs.txt_cos, 0)
+        mark_dynamic(inputs.txt_sin, 0)
         for i, block in enumerate(tr.transformer_blocks):
             img_mod1, img_mod2 = img_mods[i].chunk(2, dim=-1)
             txt_mod1, txt_mod2 = txt_mods[i].chunk(2, dim=-1)

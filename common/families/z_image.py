@@ -34,6 +34,7 @@ from common.kernels import (
     BlockStages,
     attention_rows,
     fuse_linears,
+    join_rows,
     mark_dynamic,
     pad_rows,
     rotary_tables,
@@ -290,8 +291,7 @@ def _layer_pre(layer, x, adaln, cos, sin):
 def _layer_post(layer, x, rows, gate_msa, scale_mlp, gate_mlp):
     """Output projection, norm, gated residual, and the SwiGLU feed-forward with w1 and w3 fused. `rows` is
     the attention output: one `[B, N, H, D]` tensor, or one `[1, N_b, H, D]` per batch row (zero-filled here)."""
-    length = x.shape[1]
-    joint = rows[0] if len(rows) == 1 else torch.cat([F.pad(r, (0, 0, 0, 0, 0, length - r.shape[1])) for r in rows])
+    joint = join_rows(rows, x.shape[1])
     x = x + gate_msa * layer.attention_norm2(layer.attention.to_out[0](joint.flatten(2, 3)))
     ff = layer.feed_forward
     gate, up = F.linear(layer.ffn_norm1(x) * scale_mlp, ff.w13_weight).chunk(2, dim=-1)
