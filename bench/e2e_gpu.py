@@ -45,7 +45,7 @@ from common.kernels import attention_choices  # noqa: E402
 from common.options import RequestOptions  # noqa: E402
 from common.pipeline import Pipeline  # noqa: E402
 from common.tiny import tiny_checkpoint_cached  # noqa: E402
-from tests.parity import Case, _label_diffusers_calls, diffusers_kwargs  # noqa: E402
+from tests.parity import Case, run_pipeline  # noqa: E402
 
 PROMPT = "a red fox standing in fresh snow at dawn, soft golden light, shallow depth of field, highly detailed"
 
@@ -116,6 +116,14 @@ def _build(cls, config: dict, seed: int):
     return model.eval().requires_grad_(False)
 
 
+def _resize(config, **values) -> None:
+    """A tiny checkpoint's config (its special-token ids) at the published sizes."""
+    for key, value in values.items():
+        setattr(config, key, value)
+    if "num_hidden_layers" in values:
+        config.layer_types = ["full_attention"] * values["num_hidden_layers"]
+
+
 def full_size_modules(family: str, folder) -> dict:
     """The published architectures with random weights, on the GPU, for `family`'s pipeline."""
     if family.startswith("qwen"):
@@ -123,28 +131,25 @@ def full_size_modules(family: str, folder) -> dict:
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
         config = Qwen2_5_VLConfig.from_dict(folder.config("text_encoder"))
-        text = config.text_config
-        for key, value in dict(
+        _resize(
+            config.text_config,
             hidden_size=3584,
             intermediate_size=18944,
             num_hidden_layers=28,
             num_attention_heads=28,
             num_key_value_heads=4,
             vocab_size=152064,
-        ).items():
-            setattr(text, key, value)
-        text.layer_types = ["full_attention"] * 28
-        text.rope_parameters = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
-        vision = config.vision_config
-        for key, value in dict(
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        )
+        _resize(
+            config.vision_config,
             depth=32,
             hidden_size=1280,
             intermediate_size=3420,
             num_heads=16,
             out_hidden_size=3584,
             fullatt_block_indexes=[7, 15, 23, 31],
-        ).items():
-            setattr(vision, key, value)
+        )
         text_encoder = _build(Qwen2_5_VLForConditionalGeneration, config, 2)
         vae = _build(AutoencoderKLQwenImage, {}, 3)
     else:
@@ -168,7 +173,8 @@ def full_size_modules(family: str, folder) -> dict:
         from transformers import Qwen3Config, Qwen3Model
 
         config = Qwen3Config.from_dict(folder.config("text_encoder"))
-        for key, value in dict(
+        _resize(
+            config,
             hidden_size=2560,
             intermediate_size=9728,
             num_hidden_layers=36,
@@ -176,15 +182,13 @@ def full_size_modules(family: str, folder) -> dict:
             num_key_value_heads=8,
             head_dim=128,
             vocab_size=151936,
-        ).items():
-            setattr(config, key, value)
-        config.layer_types = ["full_attention"] * 36
+        )
         text_encoder = _build(Qwen3Model, config, 2)
         vae = _build(AutoencoderKL, FLUX_VAE, 3)
     return {"transformer": transformer, "text_encoder": text_encoder, "vae": vae, "processors": Processors(transformer)}
 
 
-def widen_vision_processor(pipe_folder) -> None:
+def widen_vision_processor(pipe_folder):
     """The tiny processor caps vision pixels low for CPU speed; full size uses the real Qwen2-VL bounds."""
     processor = pipe_folder.load("processor")
     image_processor = processor.image_processor
@@ -211,21 +215,11 @@ class Processors:
 
 
 def run_diffusers(pipe, case: Case, images) -> tuple[np.ndarray, float, dict]:
-    calls: list = []
-    handle = pipe.transformer.register_forward_hook(
-        lambda module, args, out: calls.append(
-            [s.detach().clone() for s in out[0]] if isinstance(out[0], list) else out[0].detach().clone()
-        )
-    )
-    try:
-        sync()
-        start = time.perf_counter()
-        result = pipe(**diffusers_kwargs(case, images)).images
-        sync()
-        seconds = time.perf_counter() - start
-    finally:
-        handle.remove()
-    return np.asarray(result), seconds, _label_diffusers_calls(case, calls)
+    sync()
+    start = time.perf_counter()
+    run = run_pipeline(pipe, case, images)
+    sync()
+    return np.asarray(run.images), time.perf_counter() - start, run.outputs
 
 
 def run_ours(pipeline: Pipeline, case: Case, images) -> tuple[np.ndarray, dict[str, float], dict]:

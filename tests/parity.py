@@ -150,15 +150,24 @@ def diffusers_kwargs(case: Case, images: list[PIL.Image.Image]) -> dict:
 
 
 def run_diffusers(path: Path, case: Case) -> Run:
-    """The official pipeline, with a forward hook on the transformer recording each branch's raw output."""
+    """The official pipeline loaded from `path`, run on `case`."""
     pipe = DiffusionPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
+    return run_pipeline(pipe, case)
+
+
+def run_pipeline(pipe: DiffusionPipeline, case: Case, images: list[PIL.Image.Image] | None = None) -> Run:
+    """`pipe` on `case` (its own random images unless given), with a forward hook on the transformer recording
+    each branch's raw output while it runs."""
     calls: list = []
-    pipe.transformer.register_forward_hook(
+    handle = pipe.transformer.register_forward_hook(
         lambda module, args, out: calls.append(out[0] if isinstance(out, tuple) else out.sample)
     )
-    images = pipe(**diffusers_kwargs(case, case.images())).images
-    return Run(images, _label_diffusers_calls(case, calls))
+    try:
+        result = pipe(**diffusers_kwargs(case, case.images() if images is None else images)).images
+    finally:
+        handle.remove()
+    return Run(result, _label_diffusers_calls(case, calls))
 
 
 def _label_diffusers_calls(case: Case, calls: list) -> dict[tuple[int, str], torch.Tensor]:
