@@ -269,7 +269,8 @@ def _mutate(draw, base: dict, hostile: dict, at_least: int, counts: tuple[int, .
 
 
 # -------------------------------------------------------------------------------------------- public requests
-PUBLIC_HOSTILE = {
+# The request options both the public request and the internal `ResolvedOptions` carry.
+OPTION_FIELDS_HOSTILE = {
     "prompt": HOSTILE_TEXT,
     "negative_prompt": HOSTILE_TEXT,
     "width": INT32,
@@ -281,6 +282,9 @@ PUBLIC_HOSTILE = {
     "max_sequence_length": INT32,
     "seed": INT64,
     "num_images": INT32,
+}
+PUBLIC_HOSTILE = {
+    **OPTION_FIELDS_HOSTILE,
     "output_format": FORMAT,
     "model": st.one_of(st.sampled_from(["", EDIT, ZIMAGE, "nope"]), TEXT),
     "request_id": st.one_of(st.sampled_from(["", "ok-id", "has space"]), TEXT),
@@ -344,17 +348,7 @@ def _options(model: str, **overrides) -> dict:
 
 OPTIONS_HOSTILE = {
     "family": st.one_of(st.sampled_from([EDIT, ZIMAGE, "qwen-image", ""]), TEXT),
-    "prompt": HOSTILE_TEXT,
-    "negative_prompt": HOSTILE_TEXT,
-    "width": INT32,
-    "height": INT32,
-    "steps": INT32,
-    "guidance_scale": FLOAT,
-    "cfg_normalization": FLOAT,
-    "cfg_truncation": FLOAT,
-    "max_sequence_length": INT32,
-    "seed": INT64,
-    "num_images": INT32,
+    **OPTION_FIELDS_HOSTILE,
     "num_input_images": INT32,
 }
 
