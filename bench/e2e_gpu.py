@@ -37,14 +37,14 @@ from diffusers import (  # noqa: E402  # noqa: E402
     QwenImageTransformer2DModel,
     ZImageTransformer2DModel,
 )
+from imagegen.common.checkpoint import open_model_folder  # noqa: E402
+from imagegen.common.denoise import StepHooks  # noqa: E402
+from imagegen.common.images import to_float_array  # noqa: E402
+from imagegen.common.kernels import attention_choices  # noqa: E402
+from imagegen.common.options import RequestOptions  # noqa: E402
+from imagegen.common.pipeline import Pipeline  # noqa: E402
+from imagegen.common.tiny import tiny_checkpoint_cached  # noqa: E402
 
-from common.checkpoint import open_model_folder  # noqa: E402
-from common.denoise import StepHooks  # noqa: E402
-from common.images import to_float_array  # noqa: E402
-from common.kernels import attention_choices  # noqa: E402
-from common.options import RequestOptions  # noqa: E402
-from common.pipeline import Pipeline  # noqa: E402
-from common.tiny import tiny_checkpoint_cached  # noqa: E402
 from tests.parity import Case, run_pipeline  # noqa: E402
 
 PROMPT = "a red fox standing in fresh snow at dawn, soft golden light, shallow depth of field, highly detailed"

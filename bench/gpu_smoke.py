@@ -26,9 +26,9 @@ import PIL.Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from imagegen.common.tiny import tiny_checkpoint_cached  # noqa: E402
 from service_harness import Service, free_port, service_env  # noqa: E402
 
-from common.tiny import tiny_checkpoint_cached  # noqa: E402
 from imagegen.sdk import ImageClient  # noqa: E402
 
 FAILURES: list[str] = []

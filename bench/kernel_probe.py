@@ -265,11 +265,10 @@ def probe_blocks() -> None:
     import time
 
     from diffusers import QwenImageTransformer2DModel, ZImageTransformer2DModel
-
-    from common.attention import LOCAL_ATTENTION, AttentionLayout
-    from common.families.qwen_image import QwenDiT, qwen_rotary
-    from common.families.z_image import ImageSlots, ZImageDiT
-    from common.sharding import SequencePlan
+    from imagegen.common.attention import LOCAL_ATTENTION, AttentionLayout
+    from imagegen.common.families.qwen_image import QwenDiT, qwen_rotary
+    from imagegen.common.families.z_image import ImageSlots, ZImageDiT
+    from imagegen.common.sharding import SequencePlan
 
     torch.set_grad_enabled(False)
     previous = torch.get_default_dtype()

@@ -139,10 +139,10 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
+    from imagegen.common.options import RequestOptions
+    from imagegen.common.pipeline import Pipeline
+    from imagegen.common.tiny import tiny_checkpoint_cached
 
-    from common.options import RequestOptions
-    from common.pipeline import Pipeline
-    from common.tiny import tiny_checkpoint_cached
     from imagegen.sdk import ImageClient
 
     torch.set_num_threads(args.torch_threads)

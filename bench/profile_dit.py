@@ -7,9 +7,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from imagegen.common.attention import LOCAL_ATTENTION, AttentionLayout  # noqa: E402
+from imagegen.common.families.qwen_image import QwenDiT, qwen_rotary  # noqa: E402
+
 from bench.sp_gpu import build_transformer  # noqa: E402
-from common.attention import LOCAL_ATTENTION, AttentionLayout  # noqa: E402
-from common.families.qwen_image import QwenDiT, qwen_rotary  # noqa: E402
 
 torch.set_grad_enabled(False)
 device = torch.device("cuda")

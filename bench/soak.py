@@ -33,9 +33,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from imagegen.common.tiny import tiny_checkpoint_cached  # noqa: E402
 from service_harness import RedisServer, Service, stop_all  # noqa: E402  (the test harness starts the stack)
 
-from common.tiny import tiny_checkpoint_cached  # noqa: E402
 from imagegen.sdk import ImageClient  # noqa: E402
 
 MODEL = "qwen-image"

@@ -27,12 +27,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.denoise import DenoiseJob, StepHooks  # noqa: E402
-from common.families import get_family  # noqa: E402
-from common.options import ResolvedOptions  # noqa: E402
-from common.parallel.group import ParallelGroup  # noqa: E402
-from common.parallel.sharding import GroupSharding  # noqa: E402
-from common.sharding import LOCAL  # noqa: E402
+from imagegen.common.denoise import DenoiseJob, StepHooks  # noqa: E402
+from imagegen.common.families import get_family  # noqa: E402
+from imagegen.common.options import ResolvedOptions  # noqa: E402
+from imagegen.common.parallel.group import ParallelGroup  # noqa: E402
+from imagegen.common.parallel.sharding import GroupSharding  # noqa: E402
+from imagegen.common.sharding import LOCAL  # noqa: E402
 
 QWEN_SCHEDULER = {
     "base_image_seq_len": 256,

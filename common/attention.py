@@ -14,8 +14,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-
-from common.rope import Rotary, apply_rotary
+from imagegen.common.rope import Rotary, apply_rotary
 
 
 @dataclass(frozen=True)

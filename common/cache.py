@@ -2,7 +2,7 @@
 
 A key names everything that determines the embeddings (model, checkpoint revision, template version, dtype,
 device type, prompt, max_sequence_length, the input images' bytes), so replicas share entries safely and a
-replaced checkpoint or template never serves stale tensors. Values are safetensors bytes (`common.wire`).
+replaced checkpoint or template never serves stale tensors. Values are safetensors bytes (`imagegen.common.wire`).
 """
 
 from __future__ import annotations

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from common.errors import ModelLoadError
+from imagegen.common.errors import ModelLoadError
 
 FAMILY_BY_PIPELINE = {
     "QwenImagePipeline": "qwen-image",

@@ -13,15 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from imagegen.common.checkpoint import ModelFolder
+from imagegen.common.errors import Cancelled
+from imagegen.common.graphs import GraphCache
+from imagegen.common.kernels import CompileMarker, resolve_compile, resolve_kernels, should_compile
+from imagegen.common.options import ResolvedOptions
+from imagegen.common.schedule import Schedule, euler_step
+from imagegen.common.sharding import LOCAL, Sharding
 from safetensors.torch import load, save
-
-from common.checkpoint import ModelFolder
-from common.errors import Cancelled
-from common.graphs import GraphCache
-from common.kernels import CompileMarker, resolve_compile, resolve_kernels, should_compile
-from common.options import ResolvedOptions
-from common.schedule import Schedule, euler_step
-from common.sharding import LOCAL, Sharding
 
 Predict = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -100,7 +99,7 @@ def run_denoise_loop(
 class DenoiseStage:
     """Base of the families' denoise stages: their DiT forward over a loaded transformer, plus its scheduler
     config. Subclasses name `dit_class` (the reference forward) and `fast_class` (the fast-path forward over the
-    same modules, `common.kernels`) and implement `run(job, hooks, sharding) -> latents`."""
+    same modules, `imagegen.common.kernels`) and implement `run(job, hooks, sharding) -> latents`."""
 
     dit_class: type
     fast_class: type
@@ -145,7 +144,7 @@ class DenoiseStage:
         return self.fast is not None and sharding.sp_size == 1
 
     def compile_for(self, forwards: int) -> bool:
-        """Whether this job's forwards run compiled (see `common.kernels.should_compile`)."""
+        """Whether this job's forwards run compiled (see `imagegen.common.kernels.should_compile`)."""
         return should_compile(self.compile_mode, forwards, self._marker, self.device)
 
     def compiled_forward_ran(self) -> None:

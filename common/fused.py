@@ -6,7 +6,7 @@
   treats the op as an opaque call, so it cannot split it back into a matmul and a pointwise kernel.
 
 (A hand-written Triton kernel for QK norm + RoPE was measured too: 0.64 ms per Qwen block against 0.19 ms for
-the compiler's own fusion of `common.kernels.rotate_pairs`, so the compiler's is what runs.)
+the compiler's own fusion of `imagegen.common.kernels.rotate_pairs`, so the compiler's is what runs.)
 """
 
 from __future__ import annotations

@@ -10,8 +10,7 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 from diffusers.image_processor import VaeImageProcessor
-
-from common.errors import InvalidArgument
+from imagegen.common.errors import InvalidArgument
 
 _postprocessor = VaeImageProcessor(vae_scale_factor=16)
 OUTPUT_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}

@@ -6,8 +6,8 @@
   (`torch.compile(fullgraph=True)`, text length dynamic so one compile serves every prompt), the attention
   kernel chosen per shape by measurement (each CFG row attends over its real tokens, unmasked), the
   query/key/value projections fused into one matmul, RoPE as real arithmetic that the compiler fuses with the
-  QK norm, the MLP's GELU in the matmul epilogue (`common.fused`), CFG branches batched into one forward, and
-  every forward replayed as a CUDA graph cached by shape (`common.graphs.GraphCache`). Rounding differs from
+  QK norm, the MLP's GELU in the matmul epilogue (`imagegen.common.fused`), CFG branches batched into one forward, and
+  every forward replayed as a CUDA graph cached by shape (`imagegen.common.graphs.GraphCache`). Rounding differs from
   the reference (on the full-size H200 benchmarks: PSNR 47-52 dB and per-step cosine >= 0.99988 against
   diffusers, docs/benchmarks.md); what is computed does not. On the CPU in float32 it stays within 1e-5.
 
@@ -25,9 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from imagegen.common.errors import InvalidArgument
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-from common.errors import InvalidArgument
 
 KERNELS = ("fast", "reference")
 KERNELS_ENV = "IMAGEGEN_KERNELS"

@@ -10,7 +10,7 @@ import math
 import secrets
 from dataclasses import dataclass
 
-from common.errors import InvalidArgument
+from imagegen.common.errors import InvalidArgument
 
 MAX_SEED = 2**63 - 1
 

@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-
-from common.checkpoint import ModelFolder, open_model_folder, parse_device, parse_dtype
-from common.denoise import DenoiseJob, StepHooks
-from common.families import Family, get_family
-from common.images import to_float_array
-from common.options import Limits, RequestOptions, ResolvedOptions, resolve_options
+from imagegen.common.checkpoint import ModelFolder, open_model_folder, parse_device, parse_dtype
+from imagegen.common.denoise import DenoiseJob, StepHooks
+from imagegen.common.families import Family, get_family
+from imagegen.common.images import to_float_array
+from imagegen.common.options import Limits, RequestOptions, ResolvedOptions, resolve_options
 
 
 def resolve_for(family: Family, options: RequestOptions, images: Sequence[PIL.Image.Image], limits: Limits = Limits()):
@@ -38,7 +37,7 @@ class Pipeline:
         compile: str | None = None,
     ) -> None:
         """`denoiser` replaces the one-process denoise stage (e.g. rank 0's handle on a parallel group);
-        `kernels` and `compile` pick the denoiser's kernel path (`common.kernels`; default by device)."""
+        `kernels` and `compile` pick the denoiser's kernel path (`imagegen.common.kernels`; default by device)."""
         self.folder = model_dir if isinstance(model_dir, ModelFolder) else open_model_folder(model_dir)
         self.family = get_family(self.folder.family)
         dtype, device = parse_dtype(dtype), parse_device(device)

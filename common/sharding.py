@@ -8,7 +8,7 @@ than `ceil(n / P)` are filled with padding rows that attention masks out. After 
 rows are put back into single-process order with the padding last (`SequencePlan.gathered_order`), so every
 query sees its keys in the order one process would.
 
-`LocalSharding` is the one-process case; `common.parallel` provides the group implementation.
+`LocalSharding` is the one-process case; `imagegen.common.parallel` provides the group implementation.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from functools import cached_property
 from typing import Protocol
 
 import torch
-
-from common.attention import LOCAL_ATTENTION, AttentionBackend
+from imagegen.common.attention import LOCAL_ATTENTION, AttentionBackend
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ denoiser and VAE on their internal APIs, so a stage reached directly refuses wha
   steps, images, pixels per request, guidance, seed);
 * tensors against the loaded model (`ModelInputs`, asked of the family's denoise stage): names, ranks, dtypes,
   finiteness, the embedding width, token counts against the RoPE tables, condition latents against their grids;
-* inputs and outputs: image count and bytes (`check_image_blobs`; decoding limits are in `common.images`), and
+* inputs and outputs: image count and bytes (`check_image_blobs`; decoding limits are in `imagegen.common.images`), and
   the response size, estimated before any work (`check_response_size`).
 
 Failures raise `InvalidArgument(field)` (INVALID_ARGUMENT with a BadRequest naming the field), or
@@ -19,9 +19,16 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-
-from common.errors import ImagegenError, InvalidArgument
-from common.options import FamilyDefaults, Limits, ResolvedOptions, check_int, check_number, check_pixels, check_text
+from imagegen.common.errors import ImagegenError, InvalidArgument
+from imagegen.common.options import (
+    FamilyDefaults,
+    Limits,
+    ResolvedOptions,
+    check_int,
+    check_number,
+    check_pixels,
+    check_text,
+)
 
 # Largest encoded size per pixel, by output format: NPY float32 RGB; PNG of incompressible data (RGB plus the
 # per-row filter byte, rounded up); JPEG and WEBP stay below raw RGB at the encoders' default quality.

@@ -3,7 +3,7 @@ sizes, so the first real request of those sizes pays none of it (other sizes com
 
 Each family supplies its warm-up jobs (`Family.warmup_jobs`): a short CFG job whose two prompts have different
 lengths (the text-length dimension compiles dynamic, and both attention layouts are traced) and one without
-CFG. Inductor's caches live under `common.kernels.cache_root()`, so a restart on the same machine mostly loads.
+CFG. Inductor's caches live under `imagegen.common.kernels.cache_root()`, so a restart on the same machine mostly loads.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import time
 
-from common.denoise import StepHooks
-from common.errors import InvalidArgument
-from common.families import Family
+from imagegen.common.denoise import StepHooks
+from imagegen.common.errors import InvalidArgument
+from imagegen.common.families import Family
 
 log = logging.getLogger(__name__)
 

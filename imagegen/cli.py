@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)
 
-    from services.cli import add_serve_parser
+    from imagegen.services.cli import add_serve_parser
 
     add_serve_parser(commands)
     return parser
@@ -112,13 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from common.errors import ImagegenError
+    from imagegen.common.errors import ImagegenError
 
     try:
         if args.command == "make-tiny":
             return _make_tiny(args)
         if args.command == "serve":
-            from services.cli import serve
+            from imagegen.services.cli import serve
 
             return serve(args)
         return _generate(args)
@@ -131,8 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from common.errors import InvalidArgument
-    from common.tiny import build_tiny_checkpoint
+    from imagegen.common.errors import InvalidArgument
+    from imagegen.common.tiny import build_tiny_checkpoint
 
     try:
         path = build_tiny_checkpoint(args.family, args.out, seed=args.seed, variant=args.variant)
@@ -143,7 +143,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _request_options(args: argparse.Namespace):
-    from common.options import RequestOptions
+    from imagegen.common.options import RequestOptions
 
     return RequestOptions(
         prompt=args.prompt,
@@ -161,8 +161,8 @@ def _request_options(args: argparse.Namespace):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from common.errors import InvalidArgument
-    from common.images import OUTPUT_SUFFIXES, load_image_file, write_outputs
+    from imagegen.common.errors import InvalidArgument
+    from imagegen.common.images import OUTPUT_SUFFIXES, load_image_file, write_outputs
 
     suffix = Path(args.output).suffix.lower()
     if suffix not in {*OUTPUT_SUFFIXES, ".npy"}:
@@ -183,12 +183,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _run_local(args: argparse.Namespace, options, images):
-    from common.errors import InvalidArgument
+    from imagegen.common.errors import InvalidArgument
 
     if args.sp < 1:
         raise InvalidArgument("sp", f"must be at least 1, got {args.sp}")
     model = args.model or str(_demo_checkpoint(args))
-    from common.parallel.launch import (
+    from imagegen.common.parallel.launch import (
         follow_as_rank,
         group_denoiser,
         is_torchrun_follower,
@@ -211,8 +211,8 @@ def _run_local(args: argparse.Namespace, options, images):
 def _run_pipeline(model: str, options, images, args: argparse.Namespace, denoiser=None):
     import torch
 
-    from common.denoise import StepHooks
-    from common.pipeline import Pipeline
+    from imagegen.common.denoise import StepHooks
+    from imagegen.common.pipeline import Pipeline
 
     torch.set_grad_enabled(False)
     pipeline = Pipeline(
@@ -226,7 +226,7 @@ def _run_pipeline(model: str, options, images, args: argparse.Namespace, denoise
 
 
 def _demo_checkpoint(args: argparse.Namespace) -> Path:
-    from common.tiny import tiny_checkpoint_cached
+    from imagegen.common.tiny import tiny_checkpoint_cached
 
     family = args.family or ("qwen-image-edit" if args.command == "edit" else "qwen-image")
     return tiny_checkpoint_cached(family)

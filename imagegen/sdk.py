@@ -14,7 +14,7 @@ subclasses (`InvalidArgumentError.field` names the offending field).
 Each call has a timeout (default 600 s) that bounds it, retries included. The gateway rides through stage
 restarts within that deadline itself; the SDK retries only what did not reach a working gateway (UNAVAILABLE
 while it restarts or drains, RESOURCE_EXHAUSTED with a retry hint), never what the gateway already retried
-(`common.serving.retry`: one retry budget per request).
+(`imagegen.common.serving.retry`: one retry budget per request).
 
 An API key is a bearer secret: the SDK refuses to send one in plaintext to anything but a loopback address,
 unless `allow_plaintext_key=True` says that the network is trusted.
@@ -40,12 +40,12 @@ import grpc
 import numpy as np
 import PIL.Image
 
-from common.errors import ImagegenError
-from common.outputs import decode_output, to_pil_images
-from common.serving.convert import OPTION_FIELDS
-from common.serving.retry import DEFAULT_TIMEOUT_S, Deadline, RetryBudget, RetryPolicy
-from common.serving.status import ErrorDetails, parse_error
-from common.serving.transport import client_options
+from imagegen.common.errors import ImagegenError
+from imagegen.common.outputs import decode_output, to_pil_images
+from imagegen.common.serving.convert import OPTION_FIELDS
+from imagegen.common.serving.retry import DEFAULT_TIMEOUT_S, Deadline, RetryBudget, RetryPolicy
+from imagegen.common.serving.status import ErrorDetails, parse_error
+from imagegen.common.serving.transport import client_options
 from imagegen.v1 import common_pb2, image_service_pb2, image_service_pb2_grpc
 
 __all__ = [

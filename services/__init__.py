@@ -1,1 +1,1 @@
-"""The gRPC services: thin servicers over `common.serving`. Start them with `imagegen serve ...`."""
+"""The gRPC services: thin servicers over `imagegen.common.serving`. Start them with `imagegen serve ...`."""

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 
-from common.serving.config import ConfigError
-from common.serving.server import Endpoint
-from common.serving.tls import TlsConfig
-from services import denoiser, encoder, gateway, vae
+from imagegen.common.serving.config import ConfigError
+from imagegen.common.serving.server import Endpoint
+from imagegen.common.serving.tls import TlsConfig
+from imagegen.services import denoiser, encoder, gateway, vae
 
 STAGES = {"encoder": encoder, "denoiser": denoiser, "vae": vae}
 

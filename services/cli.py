@@ -7,7 +7,7 @@ import argparse
 
 
 def add_serve_parser(subcommands: argparse._SubParsersAction) -> None:
-    from services.flags import add_service_parsers
+    from imagegen.services.flags import add_service_parsers
 
     serve_parser = subcommands.add_parser("serve", help="start a service, or all of them in one process")
     add_service_parsers(serve_parser.add_subparsers(dest="service", required=True))
@@ -17,20 +17,20 @@ def serve(args: argparse.Namespace) -> int:
     """Run the chosen service(s); returns the process exit status. Configuration errors raise ImagegenError."""
     import asyncio
 
-    from common.serving.config import bind_host
-    from common.serving.hosting import pin_torch_threads
-    from common.serving.logs import configure_logging
-    from common.serving.server import serve as run_servers
-    from common.serving.tls import TlsConfig
-    from services.all_in_one import endpoints
+    from imagegen.common.serving.config import bind_host
+    from imagegen.common.serving.hosting import pin_torch_threads
+    from imagegen.common.serving.logs import configure_logging
+    from imagegen.common.serving.server import serve as run_servers
+    from imagegen.common.serving.tls import TlsConfig
+    from imagegen.services.all_in_one import endpoints
 
     configure_logging(args.log_level, args.service)
     pin_torch_threads(args.torch_threads)
     if args.service == "denoiser":
-        from common.parallel.launch import is_torchrun_follower
+        from imagegen.common.parallel.launch import is_torchrun_follower
 
         if is_torchrun_follower():  # rank 0 of the torchrun group serves; the others follow it
-            from services.denoiser import follow
+            from imagegen.services.denoiser import follow
 
             return follow(args)
     args.host = bind_host(args.host, public=args.service in ("gateway", "all"))

@@ -23,25 +23,25 @@ import signal
 from collections.abc import Callable
 
 import grpc
+from imagegen.common.cache import RedisStore
+from imagegen.common.denoise import DenoiseJob, StepHooks
+from imagegen.common.errors import InvalidArgument
+from imagegen.common.families.inputs import denoiser_inputs
+from imagegen.common.parallel.group import GroupError
+from imagegen.common.parallel.launch import follow_as_rank, group_denoiser, launched_by_torchrun
+from imagegen.common.parallel.runner import heartbeat_interval
+from imagegen.common.serving.config import redis_password
+from imagegen.common.serving.convert import grids_from_proto, resolved_from_proto
+from imagegen.common.serving.embeddings import load_embeddings
+from imagegen.common.serving.handlers import in_executor, require_ready, rpc
+from imagegen.common.serving.hosting import LOAD_LOCK, HostedModel, compute_thread
+from imagegen.common.serving.jobs import JobQueue
+from imagegen.common.serving.server import Service
+from imagegen.common.serving.status import GROUP_FAILED, with_reason
+from imagegen.common.validation import check_condition, check_embeddings, check_resolved, limits_from_args
+from imagegen.common.warmup import parse_sizes, warm_up
+from imagegen.common.wire import LATENTS, pack, unpack
 
-from common.cache import RedisStore
-from common.denoise import DenoiseJob, StepHooks
-from common.errors import InvalidArgument
-from common.families.inputs import denoiser_inputs
-from common.parallel.group import GroupError
-from common.parallel.launch import follow_as_rank, group_denoiser, launched_by_torchrun
-from common.parallel.runner import heartbeat_interval
-from common.serving.config import redis_password
-from common.serving.convert import grids_from_proto, resolved_from_proto
-from common.serving.embeddings import load_embeddings
-from common.serving.handlers import in_executor, require_ready, rpc
-from common.serving.hosting import LOAD_LOCK, HostedModel, compute_thread
-from common.serving.jobs import JobQueue
-from common.serving.server import Service
-from common.serving.status import GROUP_FAILED, with_reason
-from common.validation import check_condition, check_embeddings, check_resolved, limits_from_args
-from common.warmup import parse_sizes, warm_up
-from common.wire import LATENTS, pack, unpack
 from imagegen.v1 import common_pb2, denoiser_pb2, denoiser_pb2_grpc
 
 SERVICE = "imagegen.v1.DenoiserService"

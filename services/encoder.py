@@ -11,17 +11,18 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from common.cache import EmbeddingKey, LruBytes, RedisStore, image_digests
-from common.families.inputs import decode_inputs
-from common.options import check_int, check_text
-from common.serving import metrics
-from common.serving.config import redis_password
-from common.serving.embeddings import TENSOR_NAME, EmbeddingCache
-from common.serving.handlers import in_executor, require_ready, rpc
-from common.serving.hosting import HostedModel, compute_thread
-from common.serving.server import Service
-from common.validation import check_image_blobs, limits_from_args
-from common.wire import pack
+from imagegen.common.cache import EmbeddingKey, LruBytes, RedisStore, image_digests
+from imagegen.common.families.inputs import decode_inputs
+from imagegen.common.options import check_int, check_text
+from imagegen.common.serving import metrics
+from imagegen.common.serving.config import redis_password
+from imagegen.common.serving.embeddings import TENSOR_NAME, EmbeddingCache
+from imagegen.common.serving.handlers import in_executor, require_ready, rpc
+from imagegen.common.serving.hosting import HostedModel, compute_thread
+from imagegen.common.serving.server import Service
+from imagegen.common.validation import check_image_blobs, limits_from_args
+from imagegen.common.wire import pack
+
 from imagegen.v1 import encoder_pb2, encoder_pb2_grpc
 
 SERVICE = "imagegen.v1.EncoderService"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from common.serving.config import (
+from imagegen.common.serving.config import (
     add_cache_flags,
     add_common_flags,
     add_flag,

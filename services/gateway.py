@@ -5,16 +5,16 @@ from __future__ import annotations
 import argparse
 
 import grpc
+from imagegen.common.serving.auth import ApiKeys
+from imagegen.common.serving.gateway import Gateway
+from imagegen.common.serving.handlers import rpc
+from imagegen.common.serving.retry import Deadline, RetryPolicy
+from imagegen.common.serving.routes import RouteTable, parse_routes
+from imagegen.common.serving.server import Service
+from imagegen.common.serving.status import RpcFailure
+from imagegen.common.serving.tls import TlsConfig
+from imagegen.common.validation import limits_from_args
 
-from common.serving.auth import ApiKeys
-from common.serving.gateway import Gateway
-from common.serving.handlers import rpc
-from common.serving.retry import Deadline, RetryPolicy
-from common.serving.routes import RouteTable, parse_routes
-from common.serving.server import Service
-from common.serving.status import RpcFailure
-from common.serving.tls import TlsConfig
-from common.validation import limits_from_args
 from imagegen.v1 import image_service_pb2, image_service_pb2_grpc
 
 SERVICE = "imagegen.v1.ImageService"

@@ -11,16 +11,23 @@ import argparse
 import time
 from collections.abc import Callable
 
-from common.families.inputs import decode_inputs, latent_shape
-from common.images import to_float_array
-from common.outputs import encode_array
-from common.serving import metrics
-from common.serving.convert import format_name, grids_to_proto
-from common.serving.handlers import Caller, in_executor, require_ready, rpc
-from common.serving.hosting import HostedModel, compute_thread
-from common.serving.server import Service
-from common.validation import check_image_blobs, check_latents, check_response_size, check_size, limits_from_args
-from common.wire import LATENTS, pack, unpack
+from imagegen.common.families.inputs import decode_inputs, latent_shape
+from imagegen.common.images import to_float_array
+from imagegen.common.outputs import encode_array
+from imagegen.common.serving import metrics
+from imagegen.common.serving.convert import format_name, grids_to_proto
+from imagegen.common.serving.handlers import Caller, in_executor, require_ready, rpc
+from imagegen.common.serving.hosting import HostedModel, compute_thread
+from imagegen.common.serving.server import Service
+from imagegen.common.validation import (
+    check_image_blobs,
+    check_latents,
+    check_response_size,
+    check_size,
+    limits_from_args,
+)
+from imagegen.common.wire import LATENTS, pack, unpack
+
 from imagegen.v1 import common_pb2, denoiser_pb2, vae_pb2, vae_pb2_grpc
 
 SERVICE = "imagegen.v1.VaeService"

@@ -13,10 +13,9 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
-
-from common.denoise import DenoiseJob, StepHooks
-from common.options import RequestOptions
-from common.pipeline import Pipeline
+from imagegen.common.denoise import DenoiseJob, StepHooks
+from imagegen.common.options import RequestOptions
+from imagegen.common.pipeline import Pipeline
 
 THREADS = 2  # CPU results move by ~1e-6 with the thread count: every comparison pins it
 TOLERANCE = 1e-5
@@ -241,7 +240,7 @@ _references: dict[str, Run] = {}
 def reference_run(name: str) -> Run:
     """The diffusers run of `CASES[name]`, computed once per test session (parity, fast-path and trap tests)."""
     if name not in _references:
-        from common.tiny import tiny_checkpoint_cached
+        from imagegen.common.tiny import tiny_checkpoint_cached
 
         case = CASES[name]
         _references[name] = run_diffusers(tiny_checkpoint_cached(case.family, case.variant), case)

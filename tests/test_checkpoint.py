@@ -7,11 +7,10 @@ import shutil
 
 import pytest
 import torch
-
-from common.checkpoint import open_model_folder, parse_dtype
-from common.errors import ModelLoadError
-from common.families import qwen_image
-from common.tiny import tiny_checkpoint_cached
+from imagegen.common.checkpoint import open_model_folder, parse_dtype
+from imagegen.common.errors import ModelLoadError
+from imagegen.common.families import qwen_image
+from imagegen.common.tiny import tiny_checkpoint_cached
 
 
 @pytest.fixture

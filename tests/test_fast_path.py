@@ -18,16 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from imagegen.common import kernels
+from imagegen.common.errors import InvalidArgument
+from imagegen.common.families import get_family, qwen_image
+from imagegen.common.families.qwen_image import QwenFastDiT
+from imagegen.common.pipeline import Pipeline
+from imagegen.common.rope import Rotary
+from imagegen.common.tiny import tiny_checkpoint_cached
+from imagegen.common.warmup import parse_sizes, warm_up
 from torch._dynamo.utils import counters
 
-from common import kernels
-from common.errors import InvalidArgument
-from common.families import get_family, qwen_image
-from common.families.qwen_image import QwenFastDiT
-from common.pipeline import Pipeline
-from common.rope import Rotary
-from common.tiny import tiny_checkpoint_cached
-from common.warmup import parse_sizes, warm_up
 from tests.parity import CASES, THREADS, TOLERANCE, assert_parity, compare_runs, reference_run, run_ours
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from imagegen.common.tiny import tiny_checkpoint_cached
 from service_harness import RedisServer, Service, stop_all
 
-from common.tiny import tiny_checkpoint_cached
 from imagegen.sdk import ImageClient
 
 MODEL = "qwen-image"

@@ -29,11 +29,11 @@ import torch
 from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from imagegen.common.serving.status import parse_error
+from imagegen.common.tiny import QWEN3_HIDDEN, QWEN_TEXT_HIDDEN, tiny_checkpoint_cached
+from imagegen.common.wire import LATENTS, pack
 from service_harness import TORCH_THREADS, RedisServer, Service, free_port, stop_all
 
-from common.serving.status import parse_error
-from common.tiny import QWEN3_HIDDEN, QWEN_TEXT_HIDDEN, tiny_checkpoint_cached
-from common.wire import LATENTS, pack
 from imagegen.v1 import (
     common_pb2,
     denoiser_pb2,

@@ -19,17 +19,17 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from imagegen.common.checkpoint import open_model_folder
+from imagegen.common.denoise import DenoiseJob
+from imagegen.common.families import get_family
+from imagegen.common.options import RequestOptions
+from imagegen.common.pipeline import Pipeline, resolve_for
+from imagegen.common.serving.convert import resolved_to_proto
+from imagegen.common.serving.status import GROUP_FAILED, parse_error
+from imagegen.common.tiny import tiny_checkpoint_cached
+from imagegen.common.wire import LATENTS, pack, unpack
 from service_harness import TORCH_THREADS, Service, TorchrunService, service_env, stop_all
 
-from common.checkpoint import open_model_folder
-from common.denoise import DenoiseJob
-from common.families import get_family
-from common.options import RequestOptions
-from common.pipeline import Pipeline, resolve_for
-from common.serving.convert import resolved_to_proto
-from common.serving.status import GROUP_FAILED, parse_error
-from common.tiny import tiny_checkpoint_cached
-from common.wire import LATENTS, pack, unpack
 from imagegen.sdk import ImageClient
 from imagegen.v1 import denoiser_pb2, denoiser_pb2_grpc, encoder_pb2
 

@@ -16,18 +16,18 @@ import sys
 
 import pytest
 import torch
+from imagegen.common.attention import sdpa
+from imagegen.common.checkpoint import open_model_folder
+from imagegen.common.denoise import DenoiseJob
+from imagegen.common.families import get_family
+from imagegen.common.parallel import ulysses
+from imagegen.common.parallel.group import GroupError, ParallelGroup
+from imagegen.common.parallel.launch import free_port, local_group
+from imagegen.common.parallel.runner import GroupDenoiser, follow_leader
+from imagegen.common.pipeline import Pipeline
+from imagegen.common.tiny import tiny_checkpoint_cached
 from safetensors.torch import load_file, save_file
 
-from common.attention import sdpa
-from common.checkpoint import open_model_folder
-from common.denoise import DenoiseJob
-from common.families import get_family
-from common.parallel import ulysses
-from common.parallel.group import GroupError, ParallelGroup
-from common.parallel.launch import free_port, local_group
-from common.parallel.runner import GroupDenoiser, follow_leader
-from common.pipeline import Pipeline
-from common.tiny import tiny_checkpoint_cached
 from tests.parity import CASES as PARITY_CASES
 from tests.parity import THREADS, Case, Run, max_diff, run_job, run_ours
 

@@ -6,7 +6,8 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
-from common.options import RequestOptions
+from imagegen.common.options import RequestOptions
+
 from imagegen.cli import build_parser
 from imagegen.v1 import common_pb2, image_service_pb2
 

@@ -27,10 +27,10 @@ import torch
 from diffusers import QwenImageEditPipeline, QwenImagePipeline, ZImagePipeline
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from imagegen.common.serving.status import EMBEDDINGS_MISSING, QUEUE_FULL, parse_error
+from imagegen.common.tiny import tiny_checkpoint_cached
 from service_harness import TORCH_THREADS, RedisServer, Service, stop_all
 
-from common.serving.status import EMBEDDINGS_MISSING, QUEUE_FULL, parse_error
-from common.tiny import tiny_checkpoint_cached
 from imagegen.sdk import AsyncImageClient, ImageClient, InvalidArgumentError, RetryPolicy, UnauthenticatedError
 from imagegen.v1 import (
     common_pb2,

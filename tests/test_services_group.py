@@ -15,12 +15,12 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from imagegen.common.denoise import StepHooks
+from imagegen.common.options import RequestOptions
+from imagegen.common.pipeline import Pipeline
+from imagegen.common.tiny import tiny_checkpoint_cached
 from service_harness import TORCH_THREADS, Service, TorchrunService, stop_all
 
-from common.denoise import StepHooks
-from common.options import RequestOptions
-from common.pipeline import Pipeline
-from common.tiny import tiny_checkpoint_cached
 from imagegen.sdk import ImageClient
 from imagegen.v1 import common_pb2, image_service_pb2, image_service_pb2_grpc
 

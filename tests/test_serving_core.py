@@ -12,22 +12,20 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from service_harness import RedisServer, free_port
-
-from common.cache import EmbeddingKey, LruBytes, RedisStore
-from common.denoise import StepHooks
-from common.errors import Cancelled, InvalidArgument
-from common.outputs import decode_output, encode_array, to_uint8
-from common.serving import metrics
-from common.serving.auth import ApiKeys
-from common.serving.channels import call_with_retries
-from common.serving.config import ConfigError, add_common_flags, bind_host
-from common.serving.embeddings import EmbeddingCache, load_embeddings
-from common.serving.handlers import QueueFull, rpc
-from common.serving.jobs import JobQueue
-from common.serving.retry import Deadline, RetryPolicy
-from common.serving.routes import RouteTable, parse_routes
-from common.serving.status import (
+from imagegen.common.cache import EmbeddingKey, LruBytes, RedisStore
+from imagegen.common.denoise import StepHooks
+from imagegen.common.errors import Cancelled, InvalidArgument
+from imagegen.common.outputs import decode_output, encode_array, to_uint8
+from imagegen.common.serving import metrics
+from imagegen.common.serving.auth import ApiKeys
+from imagegen.common.serving.channels import call_with_retries
+from imagegen.common.serving.config import ConfigError, add_common_flags, bind_host
+from imagegen.common.serving.embeddings import EmbeddingCache, load_embeddings
+from imagegen.common.serving.handlers import QueueFull, rpc
+from imagegen.common.serving.jobs import JobQueue
+from imagegen.common.serving.retry import Deadline, RetryPolicy
+from imagegen.common.serving.routes import RouteTable, parse_routes
+from imagegen.common.serving.status import (
     EMBEDDINGS_MISSING,
     QUEUE_FULL,
     RETRIES_EXHAUSTED,
@@ -37,9 +35,11 @@ from common.serving.status import (
     parse_error,
     with_reason,
 )
-from common.serving.tls import TlsConfig
-from common.serving.transport import client_options
-from common.wire import pack, unpack
+from imagegen.common.serving.tls import TlsConfig
+from imagegen.common.serving.transport import client_options
+from imagegen.common.wire import pack, unpack
+from service_harness import RedisServer, free_port
+
 from imagegen.v1 import common_pb2, denoiser_pb2_grpc, encoder_pb2, encoder_pb2_grpc, vae_pb2_grpc
 
 
@@ -440,10 +440,10 @@ def test_deadline_raises_deadline_exceeded_once_past():
 
 
 def test_denoiser_group_with_a_degree_that_does_not_divide_the_heads_fails_at_start_up():
-    from common.parallel.group import GroupError
-    from common.serving.hosting import HostedModel
-    from common.tiny import tiny_checkpoint_cached
-    from services.denoiser import make_engine
+    from imagegen.common.parallel.group import GroupError
+    from imagegen.common.serving.hosting import HostedModel
+    from imagegen.common.tiny import tiny_checkpoint_cached
+    from imagegen.services.denoiser import make_engine
 
     args = argparse.Namespace(
         model=str(tiny_checkpoint_cached("z-image")),

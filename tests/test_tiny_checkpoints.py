@@ -16,9 +16,8 @@ from diffusers import (
     QwenImagePipeline,
     ZImagePipeline,
 )
+from imagegen.common import tiny
 from PIL import Image
-
-from common import tiny
 
 Case = tuple[str, str | None]
 CASES: list[Case] = [

@@ -16,20 +16,18 @@ import pytest
 import torch
 from diffusers.utils import load_image
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from service_harness import free_port
-
-from common.denoise import StepHooks
-from common.errors import InvalidArgument
-from common.families import get_family
-from common.families.inputs import check_edit_images, decode_inputs
-from common.images import decode_image
-from common.options import Limits, RequestOptions
-from common.pipeline import resolve_for
-from common.serving.auth import ApiKeys
-from common.serving.health import Health
-from common.serving.jobs import JobQueue
-from common.serving.status import RpcFailure
-from common.validation import (
+from imagegen.common.denoise import StepHooks
+from imagegen.common.errors import InvalidArgument
+from imagegen.common.families import get_family
+from imagegen.common.families.inputs import check_edit_images, decode_inputs
+from imagegen.common.images import decode_image
+from imagegen.common.options import Limits, RequestOptions
+from imagegen.common.pipeline import resolve_for
+from imagegen.common.serving.auth import ApiKeys
+from imagegen.common.serving.health import Health
+from imagegen.common.serving.jobs import JobQueue
+from imagegen.common.serving.status import RpcFailure
+from imagegen.common.validation import (
     ModelInputs,
     ResponseTooLarge,
     check_condition,
@@ -38,6 +36,8 @@ from common.validation import (
     check_response_size,
     response_bytes,
 )
+from service_harness import free_port
+
 from imagegen.sdk import ImageClient, is_loopback
 
 EDIT = get_family("qwen-image-edit")

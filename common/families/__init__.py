@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from common.errors import ModelLoadError
-from common.families import qwen_image, z_image
-from common.options import FamilyDefaults
+from imagegen.common.errors import ModelLoadError
+from imagegen.common.families import qwen_image, z_image
+from imagegen.common.options import FamilyDefaults
 
 
 @dataclass(frozen=True)

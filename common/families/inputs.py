@@ -1,4 +1,4 @@
-"""What each family's loaded stages accept: the numbers `common.validation` checks requests against, read from
+"""What each family's loaded stages accept: the numbers `imagegen.common.validation` checks requests against, read from
 the loaded model (its config and RoPE tables), so a request a model cannot run is refused before it runs.
 
 Kept beside the family modules (it knows their layouts) but apart from them: it only reads their stages.
@@ -9,13 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import PIL.Image
-
-from common.denoise import DenoiseJob
-from common.errors import Cancelled, InvalidArgument
-from common.families import Family, qwen_image, z_image
-from common.images import decode_image
-from common.options import Limits
-from common.validation import ModelInputs, check_image_blobs
+from imagegen.common.denoise import DenoiseJob
+from imagegen.common.errors import Cancelled, InvalidArgument
+from imagegen.common.families import Family, qwen_image, z_image
+from imagegen.common.images import decode_image
+from imagegen.common.options import Limits
+from imagegen.common.validation import ModelInputs, check_image_blobs
 
 MIN_RESIZED_SIDE = 32  # the edit geometry rounds sides to multiples of 32: 0 means the image cannot be resized
 

@@ -25,14 +25,13 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
-
-from common.attention import AttentionLayout, Heads
-from common.cfg import qwen_true_cfg
-from common.checkpoint import ModelFolder
-from common.denoise import DenoiseJob, DenoiseStage, StepHooks, run_denoise_loop
-from common.fused import linear_gelu_tanh
-from common.graphs import maybe_graphed
-from common.kernels import (
+from imagegen.common.attention import AttentionLayout, Heads
+from imagegen.common.cfg import qwen_true_cfg
+from imagegen.common.checkpoint import ModelFolder
+from imagegen.common.denoise import DenoiseJob, DenoiseStage, StepHooks, run_denoise_loop
+from imagegen.common.fused import linear_gelu_tanh
+from imagegen.common.graphs import maybe_graphed
+from imagegen.common.kernels import (
     BlockStages,
     attention_rows,
     fuse_linears,
@@ -42,12 +41,12 @@ from common.kernels import (
     rotary_tables,
     rotate_pairs,
 )
-from common.latents import initial_noise, patchify, unpatchify
-from common.options import FamilyDefaults, ResolvedOptions
-from common.rope import Rotary
-from common.schedule import Schedule, make_schedule
-from common.sharding import LOCAL, Sharding
-from common.text import encoder_trunk, ensure_fp32_rotary, take_masked
+from imagegen.common.latents import initial_noise, patchify, unpatchify
+from imagegen.common.options import FamilyDefaults, ResolvedOptions
+from imagegen.common.rope import Rotary
+from imagegen.common.schedule import Schedule, make_schedule
+from imagegen.common.sharding import LOCAL, Sharding
+from imagegen.common.text import encoder_trunk, ensure_fp32_rotary, take_masked
 
 LATENT_CHANNELS = 16
 VAE_SCALE = 8  # 2 ** len(temperal_downsample)
@@ -410,10 +409,10 @@ class QwenFastInputs:
 
 
 class QwenFastDiT:
-    """The fast-path forward (`common.kernels`) over the same modules and weights as `QwenDiT`: per block a
+    """The fast-path forward (`imagegen.common.kernels`) over the same modules and weights as `QwenDiT`: per block a
     compiled `_block_pre` and `_block_post` (text length dynamic) around attention over each row's real tokens
     with the measured kernel. Each stream's QKV projections are fused into one matmul, the MLPs' GELU into
-    its matmul's epilogue (`common.fused`), and the blocks' timestep modulations are computed for every step of
+    its matmul's epilogue (`imagegen.common.fused`), and the blocks' timestep modulations are computed for every step of
     a request at once (`modulations`), so their 7 GB of weights are read once per request, not once per step."""
 
     def __init__(self, transformer: torch.nn.Module) -> None:
@@ -634,7 +633,7 @@ class QwenDenoiser(DenoiseStage):
 
 
 def warmup_jobs(family: str, width: int, height: int, config: dict) -> list[DenoiseJob]:
-    """Two-step jobs that trace every shape class a request of this size meets (`common.warmup`): CFG with
+    """Two-step jobs that trace every shape class a request of this size meets (`imagegen.common.warmup`): CFG with
     prompts of different lengths, and no CFG; edits carry one condition image of the output's size."""
     generator = torch.Generator().manual_seed(0)
     dim = config.get("joint_attention_dim", 3584)

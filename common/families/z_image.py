@@ -24,13 +24,12 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF, RopeEmbedder
-
-from common.attention import LOCAL_ATTENTION, AttentionBackend, AttentionLayout, Heads
-from common.cfg import z_image_cfg
-from common.checkpoint import ModelFolder
-from common.denoise import DenoiseJob, DenoiseStage, StepHooks, run_denoise_loop
-from common.graphs import maybe_graphed
-from common.kernels import (
+from imagegen.common.attention import LOCAL_ATTENTION, AttentionBackend, AttentionLayout, Heads
+from imagegen.common.cfg import z_image_cfg
+from imagegen.common.checkpoint import ModelFolder
+from imagegen.common.denoise import DenoiseJob, DenoiseStage, StepHooks, run_denoise_loop
+from imagegen.common.graphs import maybe_graphed
+from imagegen.common.kernels import (
     BlockStages,
     attention_rows,
     fuse_linears,
@@ -41,12 +40,12 @@ from common.kernels import (
     rotate_pairs,
     sdpa,
 )
-from common.latents import initial_noise, patchify, unpatchify
-from common.options import FamilyDefaults, ResolvedOptions
-from common.rope import Rotary
-from common.schedule import Schedule, make_schedule
-from common.sharding import LOCAL, SequencePlan, Sharding
-from common.text import encoder_trunk, ensure_fp32_rotary, take_masked
+from imagegen.common.latents import initial_noise, patchify, unpatchify
+from imagegen.common.options import FamilyDefaults, ResolvedOptions
+from imagegen.common.rope import Rotary
+from imagegen.common.schedule import Schedule, make_schedule
+from imagegen.common.sharding import LOCAL, SequencePlan, Sharding
+from imagegen.common.text import encoder_trunk, ensure_fp32_rotary, take_masked
 
 LATENT_CHANNELS = 16
 PATCH_MULTIPLE = 16  # pixels per token side: VAE scale 8 x patch 2
@@ -314,7 +313,7 @@ class ZImageFastInputs:
 
 
 class ZImageFastDiT:
-    """The fast-path forward (`common.kernels`) over the same modules and weights as `ZImageDiT`: per layer a
+    """The fast-path forward (`imagegen.common.kernels`) over the same modules and weights as `ZImageDiT`: per layer a
     compiled `_layer_pre` and `_layer_post` (caption length dynamic), attention over each row's real tokens
     with the measured kernel; QKV and the feed-forward's w1/w3 each fused into one matmul."""
 
@@ -536,7 +535,7 @@ class ZImageDenoiser(DenoiseStage):
 
 
 def warmup_jobs(width: int, height: int, config: dict) -> list[DenoiseJob]:
-    """Two-step jobs that trace every shape class a request of this size meets (`common.warmup`): CFG with
+    """Two-step jobs that trace every shape class a request of this size meets (`imagegen.common.warmup`): CFG with
     captions that pad to different lengths, and no CFG (Turbo)."""
     generator = torch.Generator().manual_seed(0)
     dim = config.get("cap_feat_dim", 2560)

@@ -14,8 +14,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-
-from common.errors import ImagegenError
+from imagegen.common.errors import ImagegenError
 
 DEFAULT_TIMEOUT_S = 300.0
 

@@ -15,11 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-
-from common.checkpoint import open_model_folder, parse_device, parse_dtype
-from common.families import get_family
-from common.parallel.group import DEFAULT_TIMEOUT_S, GroupError, ParallelGroup, check_sp_degree
-from common.parallel.runner import GroupDenoiser, follow_leader
+from imagegen.common.checkpoint import open_model_folder, parse_device, parse_dtype
+from imagegen.common.families import get_family
+from imagegen.common.parallel.group import DEFAULT_TIMEOUT_S, GroupError, ParallelGroup, check_sp_degree
+from imagegen.common.parallel.runner import GroupDenoiser, follow_leader
 
 _RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -100,7 +99,7 @@ def local_group(
         raise GroupError(f"a group of {world} processes needs {world} GPUs; {torch.cuda.device_count()} visible")
     saved = {name: os.environ.get(name) for name in _RENDEZVOUS_VARS}
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
-    command = [sys.executable, "-m", "common.parallel.worker", "--model", str(model), "--dtype", dtype]
+    command = [sys.executable, "-m", "imagegen.common.parallel.worker", "--model", str(model), "--dtype", dtype]
     command += ["--device", device.type, "--sp", str(sp), "--timeout", str(timeout_s), "--threads", str(threads)]
     command += ["--cfg-parallel"] if cfg_parallel else []
     root = str(Path(__file__).resolve().parents[2])

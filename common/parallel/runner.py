@@ -19,11 +19,10 @@ import time
 from collections.abc import Callable
 
 import torch
-
-from common.denoise import DenoiseJob, StepHooks, decode_job, encode_job
-from common.errors import Cancelled
-from common.parallel.group import GroupError, ParallelGroup
-from common.parallel.sharding import GroupSharding
+from imagegen.common.denoise import DenoiseJob, StepHooks, decode_job, encode_job
+from imagegen.common.errors import Cancelled
+from imagegen.common.parallel.group import GroupError, ParallelGroup
+from imagegen.common.parallel.sharding import GroupSharding
 
 log = logging.getLogger(__name__)
 # Test only, and only with IMAGEGEN_TESTING=1: "RANK:STEP:crash|hang" makes that rank fail, to test fail-fast.

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
-from common.attention import LOCAL_ATTENTION, AttentionBackend
-from common.parallel.group import ParallelGroup
-from common.parallel.ulysses import UlyssesAttention
-from common.sharding import SequencePlan
+from imagegen.common.attention import LOCAL_ATTENTION, AttentionBackend
+from imagegen.common.parallel.group import ParallelGroup
+from imagegen.common.parallel.ulysses import UlyssesAttention
+from imagegen.common.sharding import SequencePlan
 
 
 class GroupSharding:

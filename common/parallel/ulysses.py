@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
-from common.attention import Heads, attend_in_order
-from common.sharding import SequencePlan
+from imagegen.common.attention import Heads, attend_in_order
+from imagegen.common.sharding import SequencePlan
 
 
 def scatter_heads(x: torch.Tensor, world: int, group: dist.ProcessGroup) -> torch.Tensor:

@@ -6,8 +6,7 @@ import argparse
 import sys
 
 import torch
-
-from common.parallel.launch import follow_as_rank
+from imagegen.common.parallel.launch import follow_as_rank
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,9 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import grpc
-
-from common.serving.config import ConfigError
-from common.serving.status import RpcFailure
+from imagegen.common.serving.config import ConfigError
+from imagegen.common.serving.status import RpcFailure
 
 
 class ApiKeys:

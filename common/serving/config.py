@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from common.errors import ImagegenError
+from imagegen.common.errors import ImagegenError
 
 
 class ConfigError(ImagegenError):

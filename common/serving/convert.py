@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from common.errors import InvalidArgument
-from common.options import RequestOptions, ResolvedOptions
+from imagegen.common.errors import InvalidArgument
+from imagegen.common.options import RequestOptions, ResolvedOptions
+
 from imagegen.v1 import common_pb2, denoiser_pb2
 
 # Optional public request fields that map one to one onto RequestOptions (unset: the family's default).

@@ -17,18 +17,18 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 
 import grpc
+from imagegen.common.families.inputs import decode_inputs
+from imagegen.common.options import Limits, ResolvedOptions
+from imagegen.common.pipeline import resolve_for
+from imagegen.common.serving import metrics
+from imagegen.common.serving.channels import call_with_retries
+from imagegen.common.serving.convert import format_name, request_options, resolved_to_proto
+from imagegen.common.serving.handlers import current_request_id
+from imagegen.common.serving.retry import RetryBudget
+from imagegen.common.serving.routes import Route, RouteTable
+from imagegen.common.serving.status import EMBEDDINGS_MISSING, RpcFailure, parse_error
+from imagegen.common.validation import check_response_size
 
-from common.families.inputs import decode_inputs
-from common.options import Limits, ResolvedOptions
-from common.pipeline import resolve_for
-from common.serving import metrics
-from common.serving.channels import call_with_retries
-from common.serving.convert import format_name, request_options, resolved_to_proto
-from common.serving.handlers import current_request_id
-from common.serving.retry import RetryBudget
-from common.serving.routes import Route, RouteTable
-from common.serving.status import EMBEDDINGS_MISSING, RpcFailure, parse_error
-from common.validation import check_response_size
 from imagegen.v1 import common_pb2, denoiser_pb2, encoder_pb2, image_service_pb2, vae_pb2
 
 log = logging.getLogger("imagegen.gateway")

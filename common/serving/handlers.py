@@ -25,11 +25,10 @@ from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 import grpc
-
-from common.errors import Cancelled, InvalidArgument
-from common.serving import metrics
-from common.serving.logs import request_id_var
-from common.serving.status import (
+from imagegen.common.errors import Cancelled, InvalidArgument
+from imagegen.common.serving import metrics
+from imagegen.common.serving.logs import request_id_var
+from imagegen.common.serving.status import (
     QUEUE_FULL,
     RESPONSE_TOO_LARGE,
     RpcFailure,
@@ -37,7 +36,7 @@ from common.serving.status import (
     relay,
     with_reason,
 )
-from common.validation import ResponseTooLarge
+from imagegen.common.validation import ResponseTooLarge
 
 log = logging.getLogger("imagegen.rpc")
 T = TypeVar("T")

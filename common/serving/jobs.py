@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-
-from common.denoise import StepHooks
-from common.errors import Cancelled
-from common.serving import metrics
-from common.serving.handlers import QueueFull
-from common.serving.status import RpcFailure
+from imagegen.common.denoise import StepHooks
+from imagegen.common.errors import Cancelled
+from imagegen.common.serving import metrics
+from imagegen.common.serving.handlers import QueueFull
+from imagegen.common.serving.status import RpcFailure
 
 Work = Callable[[StepHooks], Any]
 

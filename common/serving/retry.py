@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 from google.rpc import error_details_pb2
-
-from common.serving.status import DOMAIN, RETRIES_EXHAUSTED, ErrorDetails, RpcFailure, parse_error
+from imagegen.common.serving.status import DOMAIN, RETRIES_EXHAUSTED, ErrorDetails, RpcFailure, parse_error
 
 _DROPPED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)  # the call did not get an answer from its work
 # A request without a deadline gets this one (gateway and stages), so that nothing waits forever.

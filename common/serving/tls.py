@@ -6,8 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-
-from common.serving.config import ConfigError
+from imagegen.common.serving.config import ConfigError
 
 
 def _read(path: str | None, flag: str) -> bytes | None:
