@@ -38,17 +38,21 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 
 # Dependencies first, in their own layer, so that a source change does not reinstall torch.
+# imagegen-client (clients/python, the SDK and public stubs the server imports) comes from the source, below; its
+# own dependencies are the server's too.
 COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
+        | grep -v '^imagegen-client' > /tmp/requirements.txt \
     && pip install ${TORCH_INDEX_URL:+--extra-index-url "${TORCH_INDEX_URL}"} -c "${CONSTRAINTS}" -r /tmp/requirements.txt
 
-# The project itself (packages imagegen, common, services; the generated gRPC code is checked in).
+# The project itself (package imagegen, with common/ and services/ installed inside it; the generated gRPC code is
+# checked in).
 COPY README.md ./
 COPY imagegen ./imagegen
 COPY common ./common
 COPY services ./services
-RUN pip install --no-deps . \
+COPY clients/python ./clients/python
+RUN pip install --no-deps ./clients/python . \
     && imagegen --help >/dev/null
 
 # --- runtime -----------------------------------------------------------------------------------------------------------

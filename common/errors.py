@@ -6,9 +6,8 @@ offending request field, `ModelLoadError` names the file, class or dtype that ma
 
 from __future__ import annotations
 
-
-class ImagegenError(Exception):
-    """Base class for errors that are the caller's or the deployment's fault, not a bug."""
+# One base for the server's errors and the SDK's (the CLI prints any of them as one line).
+from imagegen_client.errors import ImagegenError
 
 
 class InvalidArgument(ImagegenError):

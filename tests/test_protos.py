@@ -30,7 +30,7 @@ def test_generated_code_is_not_stale():
 
 def test_every_proto_has_its_generated_modules():
     generator = _generator()
-    generated = {p.name for p in generator.generated_files(ROOT)}
+    generated = {p.name for p in generator.generated_files()}
     for proto in generator.proto_files():
         assert {f"{proto.stem}_pb2.py", f"{proto.stem}_pb2_grpc.py"} <= generated, proto.name
 

@@ -1,7 +1,11 @@
-"""Rebuild the generated gRPC/protobuf code under `imagegen/v1/` from `protos/imagegen/v1/*.proto`.
+"""Rebuild the generated gRPC/protobuf code from `protos/imagegen/v1/*.proto`.
 
     python tools/gen_protos.py           # regenerate in place
     python tools/gen_protos.py --check   # exit 1 if the checked-in code is stale
+
+The public API (`common.proto`, `image_service.proto`) goes to the client distribution,
+`clients/python/imagegen_client/v1/`, with its imports rewritten to `imagegen_client.v1` (one copy: the server
+imports it from there through `imagegen.v1`). The internal stage APIs stay in the server's `imagegen/v1/`.
 
 The output depends on the grpcio-tools version (it bundles protoc); `tests/test_protos.py` runs the check.
 """
@@ -9,7 +13,6 @@ The output depends on the grpcio-tools version (it bundles protoc); `tests/test_
 from __future__ import annotations
 
 import argparse
-import filecmp
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_ROOT = ROOT / "protos"
 PACKAGE = Path("imagegen") / "v1"
+PUBLIC = ("common", "image_service")  # the protos a client needs
+PUBLIC_DIR = ROOT / "clients" / "python" / "imagegen_client" / "v1"
+INTERNAL_DIR = ROOT / PACKAGE
 # No .pyi stubs: protoc writes them in a style our ruff settings reject, and ruff excludes only *_pb2*.py.
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2_grpc.py")
 
@@ -25,35 +31,55 @@ def proto_files() -> list[Path]:
     return sorted((PROTO_ROOT / PACKAGE).glob("*.proto"))
 
 
-def generate(out_dir: Path) -> list[Path]:
-    """Run protoc (from grpcio-tools) over every proto; returns the generated files under `out_dir`."""
+def _is_public(name: str) -> bool:
+    return name.removesuffix(".py").removesuffix("_grpc").removesuffix("_pb2") in PUBLIC
+
+
+def _relocate(text: str) -> str:
+    """Point a public module's imports (and its classes' __module__) at imagegen_client.v1."""
+    for stem in PUBLIC:
+        text = text.replace(f"from imagegen.v1 import {stem}_pb2 ", f"from imagegen_client.v1 import {stem}_pb2 ")
+        text = text.replace(f"'imagegen.v1.{stem}_pb2'", f"'imagegen_client.v1.{stem}_pb2'")
+    return text
+
+
+def generate() -> dict[Path, str]:
+    """Run protoc (from grpcio-tools) over every proto; returns {destination: text} of the generated files."""
     from grpc_tools import protoc
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    protos = [str(p.relative_to(PROTO_ROOT)) for p in proto_files()]
-    args = [
-        "protoc",
-        f"-I{PROTO_ROOT}",
-        f"--python_out={out_dir}",
-        f"--grpc_python_out={out_dir}",
-        *protos,
-    ]
-    if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed: {' '.join(args)}")
-    return generated_files(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(tmp)
+        protos = [str(p.relative_to(PROTO_ROOT)) for p in proto_files()]
+        args = ["protoc", f"-I{PROTO_ROOT}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", *protos]
+        if protoc.main(args) != 0:
+            raise RuntimeError(f"protoc failed: {' '.join(args)}")
+        result = {}
+        for path in sorted((out_dir / PACKAGE).iterdir()):
+            if not path.name.endswith(GENERATED_SUFFIXES):
+                continue
+            text = path.read_text()
+            if _is_public(path.name):
+                result[PUBLIC_DIR / path.name] = _relocate(text)
+            else:
+                result[INTERNAL_DIR / path.name] = text
+        return result
 
 
-def generated_files(root: Path) -> list[Path]:
-    return sorted(p for p in (root / PACKAGE).iterdir() if p.name.endswith(GENERATED_SUFFIXES))
+def generated_files() -> list[Path]:
+    """The checked-in generated files (public and internal)."""
+    found = []
+    for folder in (PUBLIC_DIR, INTERNAL_DIR):
+        if folder.is_dir():
+            found += [p for p in folder.iterdir() if p.name.endswith(GENERATED_SUFFIXES)]
+    return sorted(found)
 
 
 def stale_files() -> list[str]:
-    """Names of generated files that differ from (or are missing in, or extra in) the checked-in package."""
-    with tempfile.TemporaryDirectory() as tmp:
-        fresh = {p.name: p for p in generate(Path(tmp))}
-        current = {p.name: p for p in generated_files(ROOT)}
-        names = sorted(fresh.keys() | current.keys())
-        return [n for n in names if n not in fresh or n not in current or not filecmp.cmp(fresh[n], current[n], False)]
+    """Generated files that differ from (or are missing in, or extra in) the checked-in ones, relative to ROOT."""
+    fresh = generate()
+    current = set(generated_files())
+    stale = [p for p in fresh.keys() | current if p not in fresh or p not in current or p.read_text() != fresh[p]]
+    return sorted(str(p.relative_to(ROOT)) for p in stale)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,11 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = stale_files()
         for name in stale:
-            print(f"stale: {PACKAGE / name}", file=sys.stderr)
+            print(f"stale: {name}", file=sys.stderr)
         return 1 if stale else 0
-    for path in generated_files(ROOT) if (ROOT / PACKAGE).is_dir() else []:
+    fresh = generate()
+    for path in generated_files():
         path.unlink()  # protos removed since the last run must not leave modules behind
-    for path in generate(ROOT):
+    for path, text in fresh.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
         print(path.relative_to(ROOT))
     return 0
 

@@ -1,43 +1,20 @@
-"""The one retry policy: what is retried, how long for, and one budget per request.
-
-The gateway owns retries of the stages: each internal call waits for its stage to be ready, and a retryable
-failure is tried again, all within the request's deadline and one attempt budget shared by every call the
-request makes. When the gateway gives up it says so (ErrorInfo reason RETRIES_EXHAUSTED) and the SDK does not
-retry that; the SDK retries only what never reached a working gateway (a gateway restarting or draining). So an
-outage costs at most one budget per request, never SDK attempts x gateway attempts.
-
-No torch here: the SDK imports this module.
-"""
+"""The gateway's side of the one retry policy (`imagegen_client.retry`, shared with the SDK): a deadline that
+answers DEADLINE_EXCEEDED once past, and a budget that relays a backend's final failure so that nobody upstream
+retries what this request already retried."""
 
 from __future__ import annotations
 
-import random
-import time
-from dataclasses import dataclass
-
 import grpc
 from google.rpc import error_details_pb2
-from imagegen.common.serving.status import DOMAIN, RETRIES_EXHAUSTED, ErrorDetails, RpcFailure, parse_error
+from imagegen.common.serving.status import DOMAIN, RETRIES_EXHAUSTED, RpcFailure, parse_error
+from imagegen_client import retry as shared
+from imagegen_client.retry import DEFAULT_TIMEOUT_S
 
-_DROPPED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)  # the call did not get an answer from its work
-# A request without a deadline gets this one (gateway and stages), so that nothing waits forever.
-DEFAULT_TIMEOUT_S = 600.0
+__all__ = ["DEFAULT_TIMEOUT_S", "Deadline", "RetryBudget", "RetryPolicy"]
 
 
-class Deadline:
+class Deadline(shared.Deadline):
     """The time by which a request must be answered, handed down to every internal call as its timeout."""
-
-    def __init__(self, seconds: float | None) -> None:
-        self.at = None if seconds is None else time.monotonic() + seconds
-
-    @classmethod
-    def within(cls, seconds: float | None, default: float | None) -> Deadline:
-        """The caller's deadline, or `default` seconds when the caller set none."""
-        return cls(seconds if seconds is not None else default)
-
-    def left(self) -> float | None:
-        """Seconds left (0 once past), or None for no deadline."""
-        return None if self.at is None else max(0.0, self.at - time.monotonic())
 
     def remaining(self) -> float | None:
         """Seconds left for the next call; raises DEADLINE_EXCEEDED once past."""
@@ -47,61 +24,12 @@ class Deadline:
         return left
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """`attempts` counts every try of every call of one request together (1: never retry). A full queue is
-    retried at most `busy_retries` times per request (on another replica, or after its retry hint): enough to
-    ride a burst, few enough that the gateway does not become an unbounded waiting room in front of the queue."""
-
-    attempts: int = 64
-    initial_backoff: float = 0.05
-    max_backoff: float = 1.0
-    busy_retries: int = 2
-
-    def retryable(self, info: ErrorDetails) -> bool:
-        """UNAVAILABLE (a stage restarting, draining or unreachable), CANCELLED as an answer (the other side
-        dropped the call: our own cancellation raises `asyncio.CancelledError`, never reaches here) and
-        RESOURCE_EXHAUSTED with a retry hint (a full queue), unless whoever answered has already spent the
-        request's retries."""
-        if info.reason == RETRIES_EXHAUSTED:
-            return False
-        if info.code in _DROPPED:
-            return True
-        return info.code == grpc.StatusCode.RESOURCE_EXHAUSTED and info.retry_delay is not None
-
-    def backoff(self, retry: int) -> float:
-        """Exponential backoff with full jitter (retry 0 -> up to `initial_backoff`)."""
-        return random.uniform(0, min(self.max_backoff, self.initial_backoff * 2 ** min(retry, 32)))
-
-    def budget(self, deadline: Deadline) -> RetryBudget:
+class RetryPolicy(shared.RetryPolicy):
+    def budget(self, deadline: shared.Deadline) -> RetryBudget:
         return RetryBudget(self, deadline)
 
 
-class RetryBudget:
-    """One request's retries: every call it makes draws on the same attempts and the same deadline."""
-
-    def __init__(self, policy: RetryPolicy, deadline: Deadline) -> None:
-        self.policy = policy
-        self.deadline = deadline
-        self.retries = 0
-        self.busy = 0
-
-    def delay(self, error: grpc.RpcError | ErrorDetails) -> float | None:
-        """Seconds to wait before trying again (the retry is counted), or None when `error` is final."""
-        info = error if isinstance(error, ErrorDetails) else parse_error(error)
-        if not self.policy.retryable(info) or self.retries + 1 >= self.policy.attempts:
-            return None
-        busy = info.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        if busy and self.busy >= self.policy.busy_retries:
-            return None
-        delay = max(self.policy.backoff(self.retries), info.retry_delay or 0.0)
-        left = self.deadline.left()
-        if left is not None and delay >= left:
-            return None
-        self.retries += 1
-        self.busy += busy
-        return delay
-
+class RetryBudget(shared.RetryBudget):
     def failure(self, error: grpc.RpcError, prefix: str = "") -> RpcFailure:
         """A backend's final failure for our caller: same code, message and details, except that a retryable
         one loses its retry hint and an UNAVAILABLE one is marked RETRIES_EXHAUSTED, so that nobody upstream
@@ -110,9 +38,9 @@ class RetryBudget:
         if not self.policy.retryable(info):
             return RpcFailure(info.code, f"{prefix}{info.message}", info.raw)
         drop = error_details_pb2.RetryInfo
-        if info.code in _DROPPED:
+        if info.code in shared.DROPPED:
             drop = error_details_pb2.RetryInfo | error_details_pb2.ErrorInfo
         keep = [d for d in info.raw if not isinstance(d, drop)]
-        if info.code in _DROPPED:
+        if info.code in shared.DROPPED:
             keep.append(error_details_pb2.ErrorInfo(reason=RETRIES_EXHAUSTED, domain=DOMAIN))
         return RpcFailure(info.code, f"{prefix}{info.message}", keep)

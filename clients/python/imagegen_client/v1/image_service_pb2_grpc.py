@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from imagegen.v1 import image_service_pb2 as imagegen_dot_v1_dot_image__service__pb2
+from imagegen_client.v1 import image_service_pb2 as imagegen_dot_v1_dot_image__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
