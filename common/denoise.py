@@ -8,8 +8,9 @@ can later be captured whole (torch.compile / CUDA graphs).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,7 @@ from imagegen.common.checkpoint import ModelFolder
 from imagegen.common.errors import Cancelled
 from imagegen.common.graphs import GraphCache
 from imagegen.common.kernels import CompileMarker, resolve_compile, resolve_kernels, should_compile
+from imagegen.common.lora import AdapterCache, AdapterSlot
 from imagegen.common.options import ResolvedOptions
 from imagegen.common.schedule import Schedule, euler_step
 from imagegen.common.sharding import LOCAL, Sharding
@@ -34,6 +36,13 @@ class DenoiseJob:
     negative_embeds: torch.Tensor | None = None  # [L', D]; present exactly when CFG runs
     condition_latents: torch.Tensor | None = None  # edit images, family-specific packed layout
     condition_shapes: list[tuple[int, int, int]] = field(default_factory=list)
+    # LoRA adapters as (resolved .safetensors path, scale), in request order; every rank of a group applies
+    # this same set, and jobs with different sets never share a forward (`lora_key`).
+    loras: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def lora_key(self) -> tuple[tuple[str, float], ...]:
+        return self.loras
 
 
 _TENSOR_FIELDS = ("prompt_embeds", "negative_embeds", "condition_latents")
@@ -45,6 +54,7 @@ def encode_job(job: DenoiseJob, **flags: str) -> bytes:
     metadata = {
         "options": json.dumps(dataclasses.asdict(job.options)),
         "condition_shapes": json.dumps(job.condition_shapes),
+        "loras": json.dumps(job.loras),
         **flags,
     }
     return save(tensors, metadata=metadata)
@@ -56,7 +66,8 @@ def decode_job(blob: bytes) -> tuple[DenoiseJob, dict[str, str]]:
     metadata = _header_metadata(blob)
     options = ResolvedOptions(**json.loads(metadata.pop("options")))
     shapes = [tuple(s) for s in json.loads(metadata.pop("condition_shapes"))]
-    job = DenoiseJob(options, *(tensors.get(name) for name in _TENSOR_FIELDS), shapes)
+    loras = tuple((str(path), float(scale)) for path, scale in json.loads(metadata.pop("loras", "[]")))
+    job = DenoiseJob(options, *(tensors.get(name) for name in _TENSOR_FIELDS), shapes, loras)
     return job, metadata
 
 
@@ -96,6 +107,23 @@ def run_denoise_loop(
     return latents
 
 
+def applies_loras(run: Callable) -> Callable:
+    """Wraps a stage's `run(job, ...)` or `run_batch(jobs, ...)`: the job's LoRA set is merged before the
+    first forward (a batch shares one set: `imagegen.common.batching.batch_key` holds it)."""
+
+    @functools.wraps(run)
+    def wrapper(self: DenoiseStage, job, *args, **kwargs):
+        jobs = job if isinstance(job, list | tuple) else [job]
+        sets = {member.lora_key for member in jobs}
+        if len(sets) > 1:
+            raise ValueError("jobs with different LoRA sets cannot share a forward")
+        self.use_loras(jobs[0].loras if jobs else ())
+        return run(self, job, *args, **kwargs)
+
+    wrapper.applies_loras = True
+    return wrapper
+
+
 class DenoiseStage:
     """Base of the families' denoise stages: their DiT forward over a loaded transformer, plus its scheduler
     config. Subclasses name `dit_class` (the reference forward) and `fast_class` (the fast-path forward over the
@@ -103,6 +131,15 @@ class DenoiseStage:
 
     dit_class: type
     fast_class: type
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        # Every entry point a family defines merges its job's LoRA set first, so no forward ever runs on
+        # another request's adapters (nor on leftovers: a job without adapters restores the base weights).
+        for name in ("run", "run_batch"):
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "applies_loras", False):
+                setattr(cls, name, applies_loras(method))
 
     def __init__(
         self,
@@ -137,6 +174,16 @@ class DenoiseStage:
         self.fast = self.fast_class(transformer) if self.kernels == "fast" else None
         self.graphs = GraphCache()
         self._marker = CompileMarker(transformer)
+        family = "z-image" if type(transformer).__name__.startswith("ZImage") else "qwen-image"
+        self.adapters = AdapterCache(transformer, family)
+        self.lora_slot = AdapterSlot(transformer)
+
+    def use_loras(self, loras: Sequence[tuple[str, float]]) -> None:
+        """Merge the job's adapter set (load what the cache lacks); the base weights come back exactly as
+        soon as a job with another set, or none, runs."""
+        adapters = [(self.adapters.get(path), scale) for path, scale in loras]
+        key = tuple((self.adapters.key(path), scale) for path, scale in loras)
+        self.lora_slot.use(key, adapters)
 
     def uses_fast_path(self, sharding: Sharding) -> bool:
         """The fast path runs where the whole sequence is on this process (CFG may still be split); a

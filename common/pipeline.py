@@ -17,6 +17,7 @@ from imagegen.common.checkpoint import ModelFolder, open_model_folder, parse_dev
 from imagegen.common.denoise import DenoiseJob, StepHooks
 from imagegen.common.families import Family, get_family
 from imagegen.common.images import to_float_array
+from imagegen.common.lora.registry import LoraRegistry, check_lora_scales, resolve_source, with_lora_defaults
 from imagegen.common.options import Limits, RequestOptions, ResolvedOptions, resolve_options
 
 
@@ -35,8 +36,10 @@ class Pipeline:
         denoiser=None,
         kernels: str | None = None,
         compile: str | None = None,
+        lora_dir: str | Path | None = None,
     ) -> None:
-        """`denoiser` replaces the one-process denoise stage (e.g. rank 0's handle on a parallel group);
+        """`lora_dir` names adapters (`imagegen.common.lora`); `denoiser` replaces the one-process denoise stage
+        (e.g. rank 0's handle on a parallel group);
         `kernels` and `compile` pick the denoiser's kernel path (`imagegen.common.kernels`; default by device)."""
         self.folder = model_dir if isinstance(model_dir, ModelFolder) else open_model_folder(model_dir)
         self.family = get_family(self.folder.family)
@@ -44,6 +47,20 @@ class Pipeline:
         self.text_encoder = self.family.text_encoder(self.folder, dtype, device)
         self.vae = self.family.vae(self.folder, dtype, device)
         self.denoiser = denoiser or self.family.denoiser(self.folder, dtype, device, kernels=kernels, compile=compile)
+        self.loras = LoraRegistry(lora_dir)
+
+    def lora_set(self, specs: Sequence[tuple[str, float]]) -> tuple[tuple[str, float], ...]:
+        """(NAME_OR_PATH, scale) pairs -> the job's (resolved file, scale) pairs."""
+        check_lora_scales(specs)
+        return tuple(
+            (str(resolve_source(spec, self.loras, f"loras[{i}].name").resolve()), float(scale))
+            for i, (spec, scale) in enumerate(specs)
+        )
+
+    def with_lora_defaults(self, options: RequestOptions, specs: Sequence[tuple[str, float]]) -> RequestOptions:
+        """Unset steps / guidance scale from the named adapters' NAME.json (paths bring no defaults)."""
+        names = [spec for spec, _ in specs if spec in self.loras.names()]
+        return with_lora_defaults(options, [self.loras.defaults(name) for name in names])
 
     def resolve(self, options: RequestOptions, images: Sequence[PIL.Image.Image] = ()) -> ResolvedOptions:
         return resolve_for(self.family, options, images)
@@ -73,9 +90,12 @@ class Pipeline:
         options: RequestOptions,
         images: Sequence[PIL.Image.Image] = (),
         hooks: StepHooks | None = None,
+        loras: Sequence[tuple[str, float]] = (),
     ) -> np.ndarray:
-        """Float32 images `[K, H, W, 3]` in [0, 1]."""
-        return self.run_job(self.job(self.resolve(options, images), images), hooks)
+        """Float32 images `[K, H, W, 3]` in [0, 1]; `loras` as (adapter name or .safetensors path, scale)."""
+        options = self.with_lora_defaults(options, loras)
+        job = dataclasses.replace(self.job(self.resolve(options, images), images), loras=self.lora_set(loras))
+        return self.run_job(job, hooks)
 
     def run_job(self, job: DenoiseJob, hooks: StepHooks | None = None, denoiser=None) -> np.ndarray:
         """Denoise and decode an already encoded job (optionally on another denoiser, e.g. a group)."""

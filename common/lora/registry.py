@@ -1,0 +1,188 @@
+"""Where adapters come from (`LoraRegistry`: a read-only `--lora-dir`) and where loaded ones are kept
+(`AdapterCache`: an LRU on the denoiser's device, bounded in bytes).
+
+A directory holds `NAME.safetensors` (the adapter, named by its stem) and optionally `NAME.json`: default
+request options for that adapter (`steps`, `guidance_scale`), so a distilled adapter works with one request
+that sets nothing else. Names are plain file stems; a request can never reach outside the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from imagegen.common.errors import InvalidArgument
+from imagegen.common.lora.files import Adapter, AdapterError, check_fits, read_adapter
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_LORAS = 8  # adapters in one request
+MAX_SCALE = 16.0  # |scale|; diffusers takes any float, a larger one is a typo, not a style
+CACHE_ENV = "IMAGEGEN_LORA_CACHE_MB"
+DEFAULT_CACHE_MB = 4096
+DEFAULT_KEYS = {"steps": int, "guidance_scale": float}
+
+
+@dataclass(frozen=True)
+class LoraDefaults:
+    """Request options an adapter brings (NAME.json); a request's own value always wins."""
+
+    steps: int | None = None
+    guidance_scale: float | None = None
+
+
+def check_lora_name(name: str, field: str) -> None:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise InvalidArgument(field, f"must be an adapter name (letters, digits, '.', '_', '-'), got {name!r}")
+
+
+def check_lora_scales(weights: Sequence[tuple[str, float]], prefix: str = "loras") -> None:
+    """Count, duplicates and scales of a request's adapters (names may be CLI paths here)."""
+    if len(weights) > MAX_LORAS:
+        raise InvalidArgument(prefix, f"at most {MAX_LORAS} adapters per request, got {len(weights)}")
+    seen = set()
+    for index, (name, scale) in enumerate(weights):
+        if name in seen:
+            raise InvalidArgument(f"{prefix}[{index}].name", f"{name!r} is given twice")
+        seen.add(name)
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+            raise InvalidArgument(f"{prefix}[{index}].scale", f"must be a finite number, got {scale!r}")
+        if abs(scale) > MAX_SCALE:
+            raise InvalidArgument(
+                f"{prefix}[{index}].scale", f"must be between -{MAX_SCALE} and {MAX_SCALE}, got {scale}"
+            )
+
+
+def check_lora_weights(weights: Sequence[tuple[str, float]], prefix: str = "loras") -> None:
+    """A served request's adapters: registry names (never paths), scales and count; not whether they exist."""
+    for index, (name, _) in enumerate(weights):
+        check_lora_name(name, f"{prefix}[{index}].name")
+    check_lora_scales(weights, prefix)
+
+
+class LoraRegistry:
+    """The adapters of one directory (None: no directory, every name is unknown)."""
+
+    def __init__(self, root: str | Path | None) -> None:
+        self.root = Path(root).resolve() if root else None
+        if self.root is not None and not self.root.is_dir():
+            raise ValueError(f"--lora-dir {root}: not a directory")
+
+    def names(self) -> list[str]:
+        if self.root is None:
+            return []
+        return sorted(p.stem for p in self.root.glob("*.safetensors") if NAME_PATTERN.fullmatch(p.stem))
+
+    def path(self, name: str, field: str) -> Path:
+        check_lora_name(name, field)
+        path = self.root / f"{name}.safetensors" if self.root is not None else None
+        if path is None or not path.is_file():
+            known = ", ".join(self.names()[:20]) or "none"
+            raise InvalidArgument(field, f"unknown adapter {name!r} (this denoiser has: {known})")
+        return path
+
+    def defaults(self, name: str) -> LoraDefaults:
+        """NAME.json's request defaults; a malformed file is the deployment's error (ValueError)."""
+        if self.root is None:
+            return LoraDefaults()
+        return read_defaults(self.root / f"{name}.json")
+
+
+def read_defaults(path: Path) -> LoraDefaults:
+    if not path.is_file():
+        return LoraDefaults()
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: must hold a JSON object")
+    values = {}
+    for key, kind in DEFAULT_KEYS.items():
+        if key in data:
+            value = data[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and value != int(value)):
+                raise ValueError(f"{path}: {key} must be a number, got {value!r}")
+            values[key] = kind(value)
+    return LoraDefaults(**values)
+
+
+def resolve_source(spec: str, registry: LoraRegistry | None, field: str) -> Path:
+    """A CLI `--lora` value: a registry name, else a path to a .safetensors file."""
+    if registry is not None and registry.root is not None and NAME_PATTERN.fullmatch(spec):
+        candidate = registry.root / f"{spec}.safetensors"
+        if candidate.is_file():
+            return candidate
+    path = Path(spec).expanduser()
+    if path.suffix == ".safetensors" and path.is_file():
+        return path
+    raise InvalidArgument(field, f"{spec!r} is neither an adapter of --lora-dir nor a .safetensors file")
+
+
+def cache_bytes_from_env() -> int:
+    return int(float(os.environ.get(CACHE_ENV, DEFAULT_CACHE_MB)) * (1 << 20))
+
+
+class AdapterCache:
+    """Adapters loaded for one transformer, on its device, least recently used dropped first once the total
+    passes `max_bytes`. Keyed by file and its (mtime, size): a replaced file is read again. Thread-safe (the
+    denoiser loads while validating requests, next to the running job)."""
+
+    def __init__(self, transformer: torch.nn.Module, family: str, max_bytes: int | None = None) -> None:
+        self.transformer = transformer
+        self.family = family
+        self.max_bytes = cache_bytes_from_env() if max_bytes is None else max_bytes
+        self._entries: OrderedDict[tuple, Adapter] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._entries.values())
+
+    def key(self, path: str | Path) -> tuple:
+        path = Path(path).resolve()
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            raise AdapterError(f"{path.name}: {exc.strerror or exc}") from exc
+        return (str(path), stat.st_mtime_ns, stat.st_size)
+
+    def get(self, path: str | Path, label: str | None = None) -> Adapter:
+        """The adapter at `path`, loaded, checked against the transformer and moved to its device once."""
+        key = self.key(path)
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+            adapter = read_adapter(key[0], self.family)
+            check_fits(adapter, self.transformer, label or Path(key[0]).name)
+            if adapter.nbytes > self.max_bytes:
+                raise AdapterError(
+                    f"{Path(key[0]).name}: {adapter.nbytes} bytes; the adapter cache holds {self.max_bytes}"
+                )
+            device = next(self.transformer.parameters()).device
+            adapter = adapter.to(device)
+            self._entries[key] = adapter
+            self.loads += 1
+            while self.nbytes > self.max_bytes:
+                self._entries.popitem(last=False)
+            return adapter
+
+
+def with_lora_defaults(options, defaults: Sequence[LoraDefaults]):
+    """`options` (RequestOptions) with unset steps / guidance_scale taken from the first adapter whose
+    NAME.json sets them (a distilled adapter brings its own step count)."""
+    import dataclasses
+
+    changes = {}
+    for key in DEFAULT_KEYS:
+        if getattr(options, key) is None:
+            value = next((getattr(d, key) for d in defaults if getattr(d, key) is not None), None)
+            if value is not None:
+                changes[key] = value
+    return dataclasses.replace(options, **changes) if changes else options
