@@ -1,0 +1,217 @@
+"""LoRA adapters per request equal diffusers' `load_lora_weights` + `set_adapters` (CPU, float32, <= 1e-5), in
+one process and on a `--sp 2` group, and leave nothing merged behind (the next request without adapters is the
+base image bit for bit). The two tiny adapters differ in every way the loader must get right: diffusers keys
+with alpha in the metadata (scaling 0.5) at rank 4, and the community kohya layout (`diffusion_model.*`,
+`lora_down/lora_up`, `.alpha` tensors) that diffusers converts, at rank 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from imagegen.common.errors import InvalidArgument
+from imagegen.common.lora import AdapterCache, AdapterError, LoraRegistry, read_adapter
+from imagegen.common.lora.files import check_fits
+from imagegen.common.lora.registry import check_lora_weights, with_lora_defaults
+from imagegen.common.lora.tiny import make_tiny_lora, random_lora
+from imagegen.common.options import RequestOptions
+from imagegen.common.parallel.launch import local_group
+from imagegen.common.pipeline import Pipeline
+from imagegen.common.tiny import tiny_checkpoint_cached
+from safetensors.torch import save_file
+
+from tests.parity import CASES, THREADS, Case, Run, _recorder, assert_parity, compare_runs, run_pipeline
+
+# One scenario per family (Qwen with true CFG; Z-Image-Turbo, no CFG); the group runs them at sizes where each
+# of its 2 ranks holds >= 16 rows (see tests/test_parallel.py).
+FAMILIES = {"qwen-image": ("qwen-image-cfg", (128, 128)), "z-image": ("z-image-turbo", (144, 112))}
+ONE = [("first", 0.7)]
+TWO = [("first", 0.7), ("second", 1.3)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pinned_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(previous)
+
+
+@dataclasses.dataclass
+class Lab:
+    case: Case
+    path: Path
+    lora_dir: Path
+    reference: DiffusionPipeline  # diffusers, both adapters loaded
+    ours: Pipeline
+
+    def diffusers(self, adapters: list[tuple[str, float]], case: Case | None = None) -> Run:
+        self.reference.set_adapters([n for n, _ in adapters], [s for _, s in adapters])
+        return run_pipeline(self.reference, case or self.case)
+
+    def run(self, adapters: list[tuple[str, float]], pipeline: Pipeline | None = None) -> Run:
+        outputs, hooks = _recorder()
+        images = (pipeline or self.ours)(self.case.options, self.case.images(), hooks, loras=adapters)
+        return Run(images, outputs)
+
+
+_labs: dict[str, Lab] = {}
+
+
+def lab_for(family: str, tmp_root: Path) -> Lab:
+    if family not in _labs:
+        case = CASES[FAMILIES[family][0]]
+        path = tiny_checkpoint_cached(case.family, case.variant)
+        lora_dir = tmp_root / family
+        make_tiny_lora(path, lora_dir / "first.safetensors", rank=4, seed=1, fmt="peft")
+        make_tiny_lora(path, lora_dir / "second.safetensors", rank=2, seed=2, fmt="kohya")
+        reference = DiffusionPipeline.from_pretrained(path)
+        reference.set_progress_bar_config(disable=True)
+        for name in ("first", "second"):
+            reference.load_lora_weights(str(lora_dir / f"{name}.safetensors"), adapter_name=name)
+        _labs[family] = Lab(case, path, lora_dir, reference, Pipeline(path, lora_dir=lora_dir))
+    return _labs[family]
+
+
+@pytest.fixture(scope="module")
+def labs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    return lambda family: lab_for(family, root)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_one_and_two_adapters_equal_diffusers_and_nothing_stays_merged(labs, family: str) -> None:
+    lab = labs(family)
+    base = lab.run([])
+    for adapters in (ONE, TWO):
+        ours, reference = lab.run(adapters), lab.diffusers(adapters)
+        assert_parity(ours, reference)
+        # The adapters do change the image (far beyond the tolerance), so parity is not the base image's.
+        assert compare_runs(ours, base)["image"] > 1e-2
+    after = lab.run([])
+    assert torch.equal(torch.from_numpy(after.images), torch.from_numpy(base.images))
+    for key, output in base.outputs.items():
+        assert torch.equal(after.outputs[key], output), key
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_sp2_group_with_two_adapters_equals_diffusers(labs, family: str) -> None:
+    lab = labs(family)
+    width, height = FAMILIES[family][1]
+    case = lab.case.with_options(width=width, height=height)
+    images = case.images()
+    pipeline = lab.ours
+    base_job = pipeline.job(pipeline.resolve(case.options, images), images)
+    lora_job = dataclasses.replace(base_job, loras=pipeline.lora_set(TWO))
+    with local_group(lab.path, 2, False, threads=THREADS, timeout_s=120) as group:
+        outputs, hooks = _recorder()
+        ours = Run(pipeline.run_job(lora_job, hooks, group), outputs)
+        after = pipeline.run_job(base_job, None, group)
+    assert_parity(ours, lab.diffusers(TWO, case))
+    # Every rank restored its weights: the group's next image is the one-process base image (to SP rounding).
+    assert float(abs(after - pipeline.run_job(base_job)).max()) <= 1e-6
+
+
+# ------------------------------------------------------------------------------------------- files, registry
+@pytest.fixture(scope="module")
+def qwen_transformer():
+    from imagegen.common.checkpoint import open_model_folder
+
+    return open_model_folder(tiny_checkpoint_cached("qwen-image")).load("transformer", torch.float32, "cpu")
+
+
+def _write(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
+    return path
+
+
+def test_peft_metadata_sets_the_scaling_and_kohya_alpha_is_folded(tmp_path, qwen_transformer) -> None:
+    for fmt in ("peft", "kohya"):
+        tensors, header = random_lora(qwen_transformer, rank=4, seed=3, fmt=fmt)
+        adapter = read_adapter(_write(tmp_path / f"{fmt}.safetensors", tensors, header), "qwen-image")
+        layer = adapter.layers["transformer_blocks.0.attn.to_q"]
+        delta = layer.scaling * layer.up.double() @ layer.down.double()
+        if fmt == "peft":
+            assert layer.scaling == 0.5
+            expected = 0.5 * tensors["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"].double()
+        else:  # the converter folds alpha / rank = 0.5 into the factors; PEFT's scaling is then 1
+            assert layer.scaling == 1.0
+            expected = 0.5 * tensors["diffusion_model.transformer_blocks.0.attn.to_q.lora_up.weight"].double()
+        down = tensors[next(k for k in tensors if "blocks.0.attn.to_q.lora_" in k and ("A" in k or "down" in k))]
+        assert torch.allclose(delta, expected @ down.double(), atol=1e-6)
+        assert len(adapter.layers) == len([k for k in tensors if "lora_A" in k or "lora_down" in k])
+
+
+def test_files_that_are_not_loras_for_this_model_are_refused(tmp_path, qwen_transformer) -> None:
+    a, b = torch.randn(2, 32), torch.randn(32, 2)
+    cases = {
+        "text_encoder_only": ({"text_encoder.x.lora_A.weight": a, "text_encoder.x.lora_B.weight": b}, "no transformer"),
+        "lokr": ({"transformer.transformer_blocks.0.attn.to_q.lokr_w1": a}, "LoKr"),
+        "dora": (
+            {
+                "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": a,
+                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": b,
+                "transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector": torch.ones(32),
+            },
+            "DoRA",
+        ),
+        "half_pair": ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": a}, "both lora_A and lora_B"),
+    }
+    for name, (tensors, message) in cases.items():
+        with pytest.raises(AdapterError, match=message):
+            read_adapter(_write(tmp_path / f"{name}.safetensors", tensors), "qwen-image")
+    with pytest.raises(AdapterError, match="safetensors"):
+        read_adapter(tmp_path / "weights.bin", "qwen-image")
+    # Well-formed, but for another model: a module it lacks, and one of another size.
+    for module, message in (("transformer_blocks.0.attn.to_zz", "no module"), ("img_in", "in the model")):
+        tensors = {f"transformer.{module}.lora_A.weight": torch.randn(2, 7), f"transformer.{module}.lora_B.weight": b}
+        adapter = read_adapter(_write(tmp_path / "other.safetensors", tensors), "qwen-image")
+        with pytest.raises(AdapterError, match=message):
+            check_fits(adapter, qwen_transformer, "other")
+
+
+def test_registry_names_scales_and_defaults(tmp_path) -> None:
+    (tmp_path / "lightning.safetensors").write_bytes(b"")
+    (tmp_path / "lightning.json").write_text(json.dumps({"steps": 8, "guidance_scale": 1.0}))
+    registry = LoraRegistry(tmp_path)
+    assert registry.names() == ["lightning"]
+    with pytest.raises(InvalidArgument) as unknown:
+        registry.path("nope", "loras[1].name")
+    assert unknown.value.field == "loras[1].name" and "lightning" in str(unknown.value)
+    for weights, field in (
+        ([("../etc/passwd", 1.0)], "loras[0].name"),
+        ([("a", 1.0), ("a", 0.5)], "loras[1].name"),
+        ([("a", float("nan"))], "loras[0].scale"),
+        ([("a", 100.0)], "loras[0].scale"),
+        ([(f"a{i}", 1.0) for i in range(9)], "loras"),
+    ):
+        with pytest.raises(InvalidArgument) as bad:
+            check_lora_weights(weights)
+        assert bad.value.field == field
+    options = with_lora_defaults(RequestOptions("x", steps=None, guidance_scale=3.0), [registry.defaults("lightning")])
+    assert (options.steps, options.guidance_scale) == (8, 3.0)  # the request's own value wins
+
+
+def test_cache_is_bounded_in_bytes_and_reloads_a_replaced_file(tmp_path, qwen_transformer) -> None:
+    paths = []
+    for seed in range(3):
+        tensors, header = random_lora(qwen_transformer, rank=2, seed=seed)
+        paths.append(_write(tmp_path / f"l{seed}.safetensors", tensors, header))
+    one = read_adapter(paths[0], "qwen-image").nbytes
+    cache = AdapterCache(qwen_transformer, "qwen-image", max_bytes=2 * one)
+    for path in paths:
+        cache.get(path)
+    assert cache.nbytes <= 2 * one and cache.loads == 3
+    cache.get(paths[2])
+    assert cache.loads == 3  # still cached
+    cache.get(paths[0])
+    assert cache.loads == 4  # evicted as least recently used, read again
+    tensors, header = random_lora(qwen_transformer, rank=2, seed=9)
+    _write(paths[0], tensors, header)
+    assert cache.get(paths[0]).layers["transformer_blocks.0.attn.to_q"].down.shape[0] == 2
+    assert cache.loads == 5  # a replaced file (new mtime/size) is read again
