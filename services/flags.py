@@ -10,10 +10,12 @@ from imagegen.common.serving.config import (
     add_flag,
     add_model_flags,
     add_switch,
+    non_negative_int,
     positive_int,
 )
 
 # service -> (default gRPC port, default metrics port)
+HTTP_PORT = 8000  # the OpenAI-compatible API's port where it is on by default (`serve all`, the chart)
 PORTS = {"gateway": (50051, 9100), "encoder": (50052, 9101), "denoiser": (50053, 9102), "vae": (50054, 9103)}
 HELP = {
     "gateway": "public ImageService: validates, authenticates and routes requests through the stages",
@@ -24,7 +26,7 @@ HELP = {
 }
 
 
-def gateway_flags(parser: argparse.ArgumentParser) -> None:
+def gateway_flags(parser: argparse.ArgumentParser, http_port: int = 0) -> None:
     for stage, port in (("encoder", 50052), ("denoiser", 50053), ("vae", 50054)):
         add_flag(
             parser, f"--{stage}", f"IMAGEGEN_{stage.upper()}_ADDR", f"127.0.0.1:{port}", f"{stage} of the default model"
@@ -34,6 +36,14 @@ def gateway_flags(parser: argparse.ArgumentParser) -> None:
     )
     add_flag(parser, "--default-model", "IMAGEGEN_DEFAULT_MODEL", None, "model for requests naming none")
     add_flag(parser, "--api-keys-file", "IMAGEGEN_API_KEYS_FILE", None, "one key per line; unset: no auth")
+    add_flag(
+        parser,
+        "--http-port",
+        "IMAGEGEN_HTTP_PORT",
+        http_port,
+        "port of the OpenAI-compatible HTTP API (same keys, limits and TLS as gRPC); 0: off",
+        type=non_negative_int,
+    )
 
 
 def encoder_flags(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +102,7 @@ def vae_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def all_flags(parser: argparse.ArgumentParser) -> None:
-    gateway_flags(parser)  # --encoder/--denoiser/--vae: where the stages listen
+    gateway_flags(parser, http_port=HTTP_PORT)  # --encoder/--denoiser/--vae: where the stages listen; HTTP on
     denoiser_flags(parser)  # model, cache and queue flags: a superset of the encoder's and the VAE's
 
 

@@ -100,12 +100,23 @@ def make_service(args: argparse.Namespace, tls: TlsConfig) -> Service:
     policy = RetryPolicy()
     routes = RouteTable(table, args.default_model, tls, policy, args.max_message_bytes)
     servicer = ImageServicer(Gateway(routes, limits), keys, policy, args.default_timeout)
+    # Room for the largest allowed request: every input image at the byte limit, plus the options.
+    max_receive_bytes = min(args.max_images * args.max_input_bytes + (1 << 20), 2**31 - 1)
     return Service(
         name=SERVICE,
         register=lambda server: image_service_pb2_grpc.add_ImageServiceServicer_to_server(servicer, server),
         prepare=routes.discover,
         close=routes.close,
         internal=False,
-        # Room for the largest allowed request: every input image at the byte limit, plus the options.
-        max_receive_bytes=min(args.max_images * args.max_input_bytes + (1 << 20), 2**31 - 1),
+        max_receive_bytes=max_receive_bytes,
+        listeners=[_http_listener(args, servicer, max_receive_bytes)] if args.http_port else [],
     )
+
+
+def _http_listener(args: argparse.Namespace, servicer: ImageServicer, max_body_bytes: int):
+    """The OpenAI-compatible HTTP API (--http-port) over this servicer, with the public port's TLS."""
+    from imagegen.services.http_api import build_app  # FastAPI only where HTTP is on
+    from imagegen.services.http_server import HttpListener
+
+    app = build_app(servicer, max_body_bytes, args.max_images)
+    return HttpListener(app, args.host, args.http_port, args.tls_cert, args.tls_key)

@@ -96,6 +96,12 @@ class Service(Process):
             self.address = f"127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "imagegen.cli", "serve", self.kind, "--host", "127.0.0.1"]
         argv += ["--port", str(self.port), "--metrics-port", str(self.metrics_port), "--grace-period", "10"]
+        if self.kind == "all":
+            if new_ports:
+                self.http_port = free_port()
+            # `serve all` has HTTP on (8000) by default: a free port keeps parallel servers apart; a test that
+            # wants HTTP off passes --http-port=0.
+            argv += ["--http-port", str(self.http_port)]
         return argv + self.args
 
     def restart(self, env: dict[str, str] | None = None) -> None:

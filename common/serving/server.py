@@ -14,6 +14,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
@@ -38,6 +39,9 @@ class Service:
     close: Callable[[], Awaitable[None]] | None = None  # after the drain
     max_receive_bytes: int = DEFAULT_MESSAGE_LIMIT
     internal: bool = True
+    # Other listeners in front of the same servicer (the gateway's HTTP API): started after the gRPC server,
+    # stopped with it. Each has `async start()` and `async stop(grace)`.
+    listeners: list[Any] = field(default_factory=list)
     _on_fail: Callable[[str], None] | None = field(default=None, init=False, repr=False)
 
     def fail(self, reason: str) -> None:
@@ -84,6 +88,8 @@ class Endpoint:
             "listening",
             extra={"grpc_service": self.service.name, "address": self.address, "tls": bool(self.credentials)},
         )
+        for listener in self.service.listeners:
+            await listener.start()
 
     async def set_health(self, serving: bool) -> None:
         for name in ("", self.service.name):
@@ -154,7 +160,8 @@ async def serve(
             if endpoint.health is not None:
                 await endpoint.health.drain()
             if endpoint.server is not None:
-                await endpoint.server.stop(grace)
+                listeners = (listener.stop(grace) for listener in endpoint.service.listeners)
+                await asyncio.gather(endpoint.server.stop(grace), *listeners)
         for endpoint in endpoints:
             if endpoint.service.close is not None:
                 await endpoint.service.close()

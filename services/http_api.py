@@ -1,0 +1,287 @@
+"""The gateway's OpenAI-compatible HTTP API (FastAPI): /v1/images/generations, /v1/images/edits, /v1/models.
+
+Each request becomes the ImageService request a gRPC caller would send (`http_params`) and runs through the same
+servicer methods, with `HttpContext` in place of the gRPC context: one code path for API keys (`Authorization:
+Bearer`), validation, deadlines, the queue, metrics and the access log. Failures come back in OpenAI's error
+shape (`http_errors`). With `stream=true` the answer is server-sent events in the shape of OpenAI's image
+streaming events: `<kind>.progress` (ours: stage, step, queue position), then one `<kind>.completed` per image,
+where kind is `image_generation` or `image_edit`; a failure mid-stream is an `error` event.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import PIL.Image
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from imagegen.common.serving.status import RpcFailure
+from imagegen.services.http_errors import HttpAbort, HttpContext, failure_response, plain_error, status_of
+from imagegen.services.http_params import (
+    ImageEditFields,
+    ImageGenerationRequest,
+    edit_form_schema,
+    to_request,
+)
+from imagegen_client.status import parse_error
+from imagegen_client.v1 import common_pb2, image_service_pb2
+from pydantic import ValidationError
+from starlette.datastructures import Headers, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+TIMEOUT_HEADER = "x-request-timeout"  # seconds; the HTTP spelling of a gRPC deadline
+IMAGE_FIELDS = ("image", "image[]")  # the openai client sends one image as `image`, a list as `image[]`
+_USAGE = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "input_tokens_details": {}}  # not counted
+_ERRORS: dict[int | str, Any] = {"4XX": {"description": "OpenAI error shape"}, "5XX": {"description": "same"}}
+
+
+def build_app(servicer, max_body_bytes: int, max_images: int) -> FastAPI:
+    """The HTTP app over `servicer` (an `ImageServicer`); bodies over `max_body_bytes` are answered 413."""
+    app = FastAPI(
+        title="imagegen OpenAI-compatible Images API",
+        version="1",
+        description=__doc__,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    _add_error_handlers(app)
+
+    @app.post("/v1/images/generations", responses=_ERRORS)
+    async def generations(body: ImageGenerationRequest, request: Request):  # type: ignore[valid-type]
+        message = to_request(body, None)
+        return await _answer(request, body, message, servicer.GenerateImage, servicer.GenerateImageStream)
+
+    @app.post(
+        "/v1/images/edits",
+        responses=_ERRORS,
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": edit_form_schema()}}}
+        },
+    )
+    async def edits(request: Request):
+        body, images = await _edit_form(request, max_images)
+        message = to_request(body, images)
+        return await _answer(request, body, message, servicer.EditImage, servicer.EditImageStream)
+
+    @app.get("/v1/models", responses=_ERRORS)
+    async def models(request: Request):
+        listed = await servicer.ListModels(image_service_pb2.ListModelsRequest(), _context(request))
+        return {"object": "list", "data": [_model(m, listed.default_model) for m in listed.models]}
+
+    @app.get("/v1/models/{model_id:path}", responses=_ERRORS)
+    async def model(model_id: str, request: Request):
+        listed = await servicer.ListModels(image_service_pb2.ListModelsRequest(), _context(request))
+        for summary in listed.models:
+            if summary.model_id == model_id:
+                return _model(summary, listed.default_model)
+        return plain_error(404, f"unknown model {model_id!r}", "model", code="model_not_found")
+
+    return app
+
+
+# ------------------------------------------------------------------------------------------------- requests
+def _context(request: Request) -> HttpContext:
+    text = request.headers.get(TIMEOUT_HEADER)
+    timeout = None
+    if text is not None:
+        try:
+            timeout = float(text)
+        except ValueError:
+            timeout = math.nan
+        if not 0 < timeout < math.inf:
+            raise HTTPException(400, f"{TIMEOUT_HEADER} must be a positive number of seconds, got {text!r}")
+    return HttpContext(request.headers.get("authorization"), timeout)
+
+
+async def _edit_form(request: Request, max_images: int):
+    """The multipart edit body -> (validated fields, image bytes); parsing is Starlette's (python-multipart)."""
+    async with request.form(max_files=max_images + 1) as form:
+        images, fields = [], {}
+        for key, value in form.multi_items():
+            if key == "mask":
+                raise BadParam("mask", "masks are not supported: the model edits the whole image")
+            if key in IMAGE_FIELDS:
+                if not isinstance(value, UploadFile):
+                    raise BadParam(key, "must be a file part")
+                images.append(await value.read())
+            elif isinstance(value, UploadFile):
+                raise BadParam(key, "must be a text field, not a file")
+            else:
+                fields[key] = value
+    if not images:
+        raise BadParam("image", "at least one image is required")
+    try:
+        return ImageEditFields.model_validate(fields), images
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+class BadParam(HTTPException):
+    """A 400 that names its parameter (the form's own checks, before the servicer's)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(400, f"{param}: {message}")
+        self.param = param
+
+
+# ------------------------------------------------------------------------------------------------ responses
+async def _answer(request: Request, body, message, unary, stream):
+    context = _context(request)
+    fmt = body.output_format or "png"
+    if not body.stream:
+        response = await unary(message, context)
+        return JSONResponse(_images(response, fmt))
+    events = stream(message, context)
+    try:
+        # The first event comes once the request is authenticated and valid: anything before it is a plain
+        # HTTP error with its status, not an event.
+        first = await anext(events)
+    except BaseException:
+        await events.aclose()
+        raise
+    kind = "image_edit" if isinstance(message, image_service_pb2.EditImageRequest) else "image_generation"
+    return StreamingResponse(
+        _sse(first, events, kind, fmt), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+def _images(response: image_service_pb2.ImageResponse, fmt: str) -> dict:
+    return {
+        "created": int(time.time()),
+        "data": [{"b64_json": base64.b64encode(image.data).decode()} for image in response.images],
+        "output_format": fmt,
+        "size": _size(response),
+        "model": response.model,  # extensions: what ran, and the seed that reproduces it
+        "seed": response.seed,
+    }
+
+
+def _size(response: image_service_pb2.ImageResponse) -> str:
+    if not response.images:
+        return "auto"
+    with PIL.Image.open(io.BytesIO(response.images[0].data)) as image:  # reads the header only
+        return f"{image.width}x{image.height}"
+
+
+async def _sse(first, events: AsyncIterator, kind: str, fmt: str) -> AsyncIterator[str]:
+    try:
+        event = first
+        while True:
+            for payload in _payloads(event, kind, fmt):
+                yield f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n"
+            try:
+                event = await anext(events)
+            except StopAsyncIteration:
+                return
+    except HttpAbort as error:
+        _, body, _ = status_of(parse_error(error))
+        yield f"event: error\ndata: {json.dumps({'type': 'error', **body})}\n\n"
+    finally:
+        await events.aclose()
+
+
+def _payloads(event: image_service_pb2.ImageEvent, kind: str, fmt: str) -> list[dict]:
+    now = int(time.time())
+    if event.HasField("progress"):
+        progress = event.progress
+        stage = common_pb2.Stage.Name(progress.stage).removeprefix("STAGE_").lower()
+        return [
+            {
+                "type": f"{kind}.progress",
+                "created_at": now,
+                "stage": stage,
+                "step": progress.step,
+                "total_steps": progress.total_steps,
+                "queue_position": progress.queue_position,
+            }
+        ]
+    response = event.result
+    size = _size(response)
+    return [
+        {
+            "type": f"{kind}.completed",
+            "b64_json": base64.b64encode(image.data).decode(),
+            "created_at": now,
+            "size": size,
+            "quality": "auto",
+            "background": "opaque",
+            "output_format": fmt,
+            "usage": _USAGE,
+            "image_index": index,
+            "model": response.model,
+            "seed": response.seed,
+        }
+        for index, image in enumerate(response.images)
+    ]
+
+
+def _model(summary: image_service_pb2.ModelSummary, default: str) -> dict:
+    return {
+        "id": summary.model_id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "imagegen",
+        "family": summary.family,  # extensions
+        "takes_images": summary.takes_images,
+        "default_steps": summary.default_steps,
+        "default_guidance_scale": summary.default_guidance_scale,
+        "default": summary.model_id == default,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------- errors
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(HttpAbort)
+    async def aborted(_request: Request, exc: HttpAbort):
+        return failure_response(exc)
+
+    @app.exception_handler(RpcFailure)
+    async def failed(_request: Request, exc: RpcFailure):  # raised before the servicer, e.g. response_format=url
+        return failure_response(HttpAbort(exc.code, exc.message, exc.to_status().trailing_metadata))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        location = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
+        param = location[0] if location else None
+        message = f"{'.'.join(location) or 'body'}: {first.get('msg', 'invalid request')}"
+        return plain_error(400, message, param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException):
+        return plain_error(exc.status_code, str(exc.detail), getattr(exc, "param", None))
+
+
+class BodyLimit:
+    """Answer 413 to a request body over `limit` bytes, before it is read whole (declared or streamed)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit:
+            response = plain_error(413, f"the request body is {declared} bytes; the limit is {self.limit}")
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, f"the request body exceeds the limit of {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
