@@ -19,6 +19,7 @@ from imagegen.common.families import Family, get_family
 from imagegen.common.images import to_float_array
 from imagegen.common.lora.registry import LoraRegistry, check_lora_scales, resolve_source, with_lora_defaults
 from imagegen.common.options import Limits, RequestOptions, ResolvedOptions, resolve_options
+from imagegen.common.validation import check_lora_fit
 
 
 def resolve_for(family: Family, options: RequestOptions, images: Sequence[PIL.Image.Image], limits: Limits = Limits()):
@@ -52,10 +53,12 @@ class Pipeline:
     def lora_set(self, specs: Sequence[tuple[str, float]]) -> tuple[tuple[str, float], ...]:
         """(NAME_OR_PATH, scale) pairs -> the job's (resolved file, scale) pairs."""
         check_lora_scales(specs)
-        return tuple(
+        loras = tuple(
             (str(resolve_source(spec, self.loras, f"loras[{i}].name").resolve()), float(scale))
             for i, (spec, scale) in enumerate(specs)
         )
+        check_lora_fit(self.denoiser, loras, [spec for spec, _ in specs])
+        return loras
 
     def with_lora_defaults(self, options: RequestOptions, specs: Sequence[tuple[str, float]]) -> RequestOptions:
         """Unset steps / guidance scale from the named adapters' NAME.json (paths bring no defaults)."""

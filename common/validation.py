@@ -189,3 +189,18 @@ def check_latents(
     check_pixels(f"{field}.shape[0]", count, width, height, limits)
     check_tensor(latents, field, (count, *per_image))
     return count
+
+
+# -------------------------------------------------------------------------------------------------- adapters
+def check_lora_fit(stage, loras: Sequence[tuple[str, float]], names: Sequence[str], prefix: str = "loras") -> None:
+    """Each (file, scale) of a job loads and fits the stage's transformer (read into its adapter cache now,
+    so the run itself cannot fail on it); failures name `loras[i].name`, with the request's name `names[i]`."""
+    from imagegen.common.lora import AdapterError
+
+    stage = getattr(stage, "denoiser", stage)  # rank 0's stage behind a group handle
+    for index, ((path, _), name) in enumerate(zip(loras, names, strict=True)):
+        try:
+            stage.adapters.get(path, name)
+        except AdapterError as exc:
+            message = f"adapter {name!r} does not fit this model: {exc}"
+            raise InvalidArgument(f"{prefix}[{index}].name", message) from exc

@@ -69,6 +69,15 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
         help="compile the fast path: auto (default) only when this machine's compiler cache holds the model's "
         "graphs and the job is long enough to repay it [env IMAGEGEN_COMPILE]",
     )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME_OR_PATH[:SCALE]",
+        help="LoRA adapter (repeatable): a name from --lora-dir (or the gateway's denoiser with --target) or a "
+        ".safetensors file, with its scale (default 1.0)",
+    )
+    parser.add_argument("--lora-dir", help="folder of NAME.safetensors adapters (and NAME.json defaults) for --lora")
     parser.add_argument("--api-key", default=os.environ.get("IMAGEGEN_API_KEY"), help="with --target")
     parser.add_argument(
         "--output", required=True, help="PATH.png/.jpg/.webp ({i} numbers several images) or PATH.npy (float32)"
@@ -104,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)
 
+    lora = commands.add_parser("make-tiny-lora", help="write a random LoRA adapter for a (tiny) checkpoint")
+    lora.add_argument("--model", required=True, help="diffusers-format model folder")
+    lora.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
+    lora.add_argument("--rank", type=int, default=4)
+    lora.add_argument("--seed", type=int, default=0)
+    lora.add_argument(
+        "--format", choices=["peft", "kohya"], default="peft", help="diffusers/PEFT keys or the kohya layout"
+    )
+
     from imagegen.services.cli import add_serve_parser
 
     add_serve_parser(commands)
@@ -117,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "make-tiny":
             return _make_tiny(args)
+        if args.command == "make-tiny-lora":
+            return _make_tiny_lora(args)
         if args.command == "serve":
             from imagegen.services.cli import serve
 
@@ -140,6 +160,35 @@ def _make_tiny(args: argparse.Namespace) -> int:
         raise InvalidArgument("variant" if args.variant else "family", str(exc)) from exc
     print(path)
     return 0
+
+
+def _make_tiny_lora(args: argparse.Namespace) -> int:
+    from imagegen.common.errors import InvalidArgument
+    from imagegen.common.lora.tiny import make_tiny_lora
+
+    if args.rank < 1:
+        raise InvalidArgument("rank", f"must be at least 1, got {args.rank}")
+    try:
+        path = make_tiny_lora(args.model, args.out, rank=args.rank, seed=args.seed, fmt=args.format)
+    except (ValueError, OSError) as exc:
+        raise InvalidArgument("model" if Path(args.out).suffix == ".safetensors" else "out", str(exc)) from exc
+    print(path)
+    return 0
+
+
+def parse_lora(value: str, index: int = 0) -> tuple[str, float]:
+    """`NAME_OR_PATH[:SCALE]` -> (name or path, scale); a suffix that is not a number belongs to the name."""
+    from imagegen.common.errors import InvalidArgument
+
+    head, sep, tail = value.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    if not value:
+        raise InvalidArgument(f"lora[{index}]", "is empty")
+    return value, 1.0
 
 
 def _request_options(args: argparse.Namespace):
@@ -216,13 +265,20 @@ def _run_pipeline(model: str, options, images, args: argparse.Namespace, denoise
 
     torch.set_grad_enabled(False)
     pipeline = Pipeline(
-        model, dtype=args.dtype, device=args.device, denoiser=denoiser, kernels=args.kernels, compile=args.compile
+        model,
+        dtype=args.dtype,
+        device=args.device,
+        denoiser=denoiser,
+        kernels=args.kernels,
+        compile=args.compile,
+        lora_dir=args.lora_dir,
     )
-    resolved = pipeline.resolve(options, images)
+    loras = [parse_lora(value, i) for i, value in enumerate(args.lora)]
+    resolved = pipeline.resolve(pipeline.with_lora_defaults(options, loras), images)
     print(f"seed {resolved.seed}", file=sys.stderr)
     options = dataclasses.replace(options, seed=resolved.seed)
     with _progress(resolved.steps) as progress:
-        return pipeline(options, images, StepHooks(on_step=progress))
+        return pipeline(options, images, StepHooks(on_step=progress), loras=loras)
 
 
 def _demo_checkpoint(args: argparse.Namespace) -> Path:

@@ -215,3 +215,37 @@ def test_cache_is_bounded_in_bytes_and_reloads_a_replaced_file(tmp_path, qwen_tr
     _write(paths[0], tensors, header)
     assert cache.get(paths[0]).layers["transformer_blocks.0.attn.to_q"].down.shape[0] == 2
     assert cache.loads == 5  # a replaced file (new mtime/size) is read again
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def test_cli_lora_flag_and_make_tiny_lora(tmp_path, capsys) -> None:
+    from imagegen.cli import main, parse_lora
+
+    assert parse_lora("style") == ("style", 1.0)
+    assert parse_lora("style:0.8") == ("style", 0.8)
+    assert parse_lora("/x/a:b.safetensors") == ("/x/a:b.safetensors", 1.0)
+    qwen, zimage = tiny_checkpoint_cached("qwen-image"), tiny_checkpoint_cached("z-image")
+    adapter = tmp_path / "loras" / "style.safetensors"
+    assert main(["make-tiny-lora", "--model", str(qwen), "--out", str(adapter), "--rank", "3", "--seed", "5"]) == 0
+    (tmp_path / "loras" / "style.json").write_text(json.dumps({"steps": 2}))  # the request sets no --steps
+    request = ["generate", "--prompt", "a fox", "--width", "64", "--height", "64", "--seed", "3"]
+    out = tmp_path / "a.npy"
+    assert main([*request, "--lora", "style:0.7", "--lora-dir", str(tmp_path / "loras"), "--output", str(out)]) == 0
+    options = RequestOptions("a fox", width=64, height=64, seed=3, steps=2)
+    expected = Pipeline(qwen)(options, loras=[(str(adapter), 0.7)])
+    assert torch.equal(torch.from_numpy(numpy_load(out)), torch.from_numpy(expected))
+    capsys.readouterr()
+    wrong = tmp_path / "z.safetensors"
+    make_tiny_lora(zimage, wrong, rank=2)
+    for lora, field in (("nope", "loras[0].name"), ("style:99", "loras[0].scale"), (f"{wrong}:1", "loras[0].name")):
+        argv = [*request, "--steps", "2", "--lora", lora, "--lora-dir", str(tmp_path / "loras"), "--output", str(out)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"imagegen: error: {field}"), err
+    assert "does not fit" in err
+
+
+def numpy_load(path: Path):
+    import numpy as np
+
+    return np.load(path, allow_pickle=False)

@@ -73,7 +73,7 @@ class LoraRegistry:
     def __init__(self, root: str | Path | None) -> None:
         self.root = Path(root).resolve() if root else None
         if self.root is not None and not self.root.is_dir():
-            raise ValueError(f"--lora-dir {root}: not a directory")
+            raise InvalidArgument("lora_dir", f"{root} is not a directory")
 
     def names(self) -> list[str]:
         if self.root is None:
