@@ -21,24 +21,33 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 from imagegen.common.cache import RedisStore
 from imagegen.common.denoise import DenoiseJob, StepHooks
 from imagegen.common.errors import InvalidArgument
 from imagegen.common.families.inputs import denoiser_inputs
+from imagegen.common.lora import LoraRegistry
+from imagegen.common.lora.registry import CACHE_ENV, check_lora_weights
 from imagegen.common.parallel.group import GroupError
 from imagegen.common.parallel.launch import follow_as_rank, group_denoiser, launched_by_torchrun
 from imagegen.common.parallel.runner import heartbeat_interval
 from imagegen.common.serving.config import redis_password
-from imagegen.common.serving.convert import grids_from_proto, resolved_from_proto
+from imagegen.common.serving.convert import grids_from_proto, lora_info, lora_weights, resolved_from_proto
 from imagegen.common.serving.embeddings import load_embeddings
 from imagegen.common.serving.handlers import in_executor, require_ready, rpc
 from imagegen.common.serving.hosting import LOAD_LOCK, HostedModel, compute_thread
 from imagegen.common.serving.jobs import JobQueue
 from imagegen.common.serving.server import Service
 from imagegen.common.serving.status import GROUP_FAILED, with_reason
-from imagegen.common.validation import check_condition, check_embeddings, check_resolved, limits_from_args
+from imagegen.common.validation import (
+    check_condition,
+    check_embeddings,
+    check_lora_fit,
+    check_resolved,
+    limits_from_args,
+)
 from imagegen.common.warmup import parse_sizes, warm_up
 from imagegen.common.wire import LATENTS, pack, unpack
 
@@ -103,9 +112,11 @@ def make_engine(args: argparse.Namespace, model: HostedModel):
 
 def export_kernel_choice(args: argparse.Namespace) -> None:
     """Ranks started by this process (a spawned group) read the kernel path from the environment."""
-    for env, value in (("IMAGEGEN_KERNELS", args.kernels), ("IMAGEGEN_COMPILE", args.compile)):
+    choices = [("IMAGEGEN_KERNELS", args.kernels), ("IMAGEGEN_COMPILE", args.compile)]
+    choices.append((CACHE_ENV, getattr(args, "lora_cache_mb", None)))  # every rank's adapter cache bound
+    for env, value in choices:
         if value:
-            os.environ[env] = value
+            os.environ[env] = str(value)
 
 
 def prepare_engine(args: argparse.Namespace, model: HostedModel):
@@ -138,6 +149,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
         self.model = model
         self.family = model.family.name
         self.limits = limits_from_args(args)
+        self.loras = LoraRegistry(getattr(args, "lora_dir", None))  # a bad --lora-dir fails before the port opens
         self.queue: JobQueue | None = None
         self.store: RedisStore | None = None
         self.service: Service | None = None
@@ -153,6 +165,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
         if self.args.redis_url:
             self.store = RedisStore(self.args.redis_url, self.args.cache_ttl, self.args.redis_timeout, redis_password())
         self.info = model.info(("transformer", "scheduler"), reads_cache=self.store is not None)
+        self.info.loras.extend(lora_info(name, self.loras.defaults(name)) for name in self.loras.names())
         if isinstance(self.engine, GroupEngine):
             self.engine.on_failure = self._group_failed
             idle = (self.engine.heartbeat_s, self.engine.heartbeat)
@@ -213,6 +226,11 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
         """The request as a job, every part checked against the options, the limits and the loaded model."""
         options = resolved_from_proto(request.options)
         check_resolved(options, self.family, self.model.family.defaults, self.limits)
+        weights = lora_weights(request)
+        check_lora_weights(weights)
+        loras = tuple(
+            (str(self.loras.path(name, f"loras[{i}].name")), float(scale)) for i, (name, scale) in enumerate(weights)
+        )
         if options.uses_cfg and not request.HasField("negative_embeds"):
             raise InvalidArgument("negative_embeds", "required when options.negative_prompt is set (CFG)")
         positive, negative = await asyncio.gather(
@@ -223,11 +241,13 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
         if request.HasField("condition"):
             condition = unpack(request.condition.safetensors, LATENTS, "condition.safetensors")
             shapes = grids_from_proto(request.condition.shapes)
-        job = DenoiseJob(options, positive, negative, condition, shapes)
+        job = DenoiseJob(options, positive, negative, condition, shapes, loras)
         await asyncio.to_thread(self._check_job, job)  # scans every value: off the event loop
         return job
 
     def _check_job(self, job: DenoiseJob) -> None:
+        # Loads the adapters into the stage's cache now, so a file that does not fit fails this request alone.
+        check_lora_fit(self.stage, job.loras, [Path(path).stem for path, _ in job.loras])
         inputs = denoiser_inputs(self.model.family, self.stage, job)
         check_condition(job.condition_latents, job.condition_shapes, job.options, inputs, self.limits)
         check_embeddings(job.prompt_embeds, "prompt_embeds", "prompt", inputs)

@@ -95,6 +95,21 @@ def denoiser_flags(parser: argparse.ArgumentParser) -> None:
         "default",
         "WIDTHxHEIGHT,... compiled and captured before SERVING (default: the family's default size; none)",
     )
+    add_flag(
+        parser,
+        "--lora-dir",
+        "IMAGEGEN_LORA_DIR",
+        None,
+        "read-only folder of LoRA adapters: NAME.safetensors (requests name NAME), optional NAME.json defaults",
+    )
+    add_flag(
+        parser,
+        "--lora-cache-mb",
+        "IMAGEGEN_LORA_CACHE_MB",
+        4096,
+        "loaded adapters kept on the device, least recently used dropped first (MiB)",
+        type=positive_int,
+    )
 
 
 def vae_flags(parser: argparse.ArgumentParser) -> None:
