@@ -22,6 +22,9 @@ _CLI_OPTIONS = (*_REQUEST_OPTIONS, "num_images")
 def run_remote(args: Any, options: Any, images: Sequence[PIL.Image.Image]) -> np.ndarray:
     """`imagegen generate/edit --target HOST:PORT`: the same request through a gateway; float32 `[K, H, W, 3]`."""
     fields = {name: getattr(options, name) for name in _CLI_OPTIONS}
+    from imagegen.cli import parse_lora
+
+    fields["loras"] = [parse_lora(value, i) for i, value in enumerate(getattr(args, "lora", None) or [])]
     trusted = os.environ.get("IMAGEGEN_ALLOW_PLAINTEXT_KEY") == "1"  # the CLI's way to say the network is trusted
     with ImageClient(args.target, api_key=args.api_key, model=args.model, allow_plaintext_key=trusted) as client:
         if images:

@@ -85,6 +85,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
                     takes_images=route.family.takes_images,
                     default_steps=defaults.steps,
                     default_guidance_scale=defaults.guidance_scale,
+                    loras=route.infos["denoiser"].loras if "denoiser" in route.infos else [],
                 )
             )
         return image_service_pb2.ListModelsResponse(models=models, default_model=self.gateway.routes.default_name())

@@ -9,17 +9,31 @@ value is the caller's 400, never our 500. The values themselves are validated wh
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from imagegen.common.serving.status import invalid_argument
 from imagegen_client.v1 import common_pb2, image_service_pb2
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 Float = Annotated[float, Field(allow_inf_nan=False)]
 SIZE_PATTERN = r"^(auto|[0-9]{1,6}x[0-9]{1,6})$"
+
+
+def _json_text(value: Any) -> Any:
+    """A multipart form sends objects as text: decode it (JSON bodies pass objects through)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value  # pydantic then reports it as not an object
+    return value
+
+
+Loras = Annotated[dict[str, Float], BeforeValidator(_json_text)]
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,12 @@ PARAMS: tuple[Param, ...] = (
     Param("cfg_normalization", Float | None, "Z-Image only.", "cfg_normalization", extension=True),
     Param("cfg_truncation", Float | None, "Z-Image only.", "cfg_truncation", extension=True),
     Param("max_sequence_length", Int32 | None, "Most prompt tokens.", "max_sequence_length", extension=True),
+    Param(
+        "loras",
+        Loras | None,
+        'LoRA adapters by name with their scales, e.g. {"style": 0.8} (a JSON object in the edit form).',
+        extension=True,
+    ),
 )
 
 _FORMATS = {
@@ -107,6 +127,8 @@ def to_request(body: BaseModel, images: list[bytes] | None):
         width, height = size.split("x")
         fields["width"], fields["height"] = int(width), int(height)  # at most 6 digits each: within int32
     fields["output_format"] = _FORMATS[values["output_format"] or "png"]
+    if values["loras"]:
+        fields["loras"] = [common_pb2.LoraWeight(name=n, scale=s) for n, s in values["loras"].items()]
     if images is None:
         return image_service_pb2.GenerateImageRequest(**fields)
     return image_service_pb2.EditImageRequest(images=images, **fields)

@@ -90,3 +90,31 @@ def grids_to_proto(shapes: Iterable[tuple[int, int, int]]) -> list[denoiser_pb2.
 
 def grids_from_proto(grids: Iterable[denoiser_pb2.TokenGrid]) -> list[tuple[int, int, int]]:
     return [(g.frames, g.rows, g.cols) for g in grids]
+
+
+def lora_weights(request) -> list[tuple[str, float]]:
+    """A public or denoise request's `loras` as (name, scale) pairs, in request order."""
+    return [(weight.name, weight.scale) for weight in request.loras]
+
+
+def lora_weights_to_proto(weights: Iterable[tuple[str, float]]) -> list[common_pb2.LoraWeight]:
+    return [common_pb2.LoraWeight(name=name, scale=scale) for name, scale in weights]
+
+
+def lora_info(name: str, defaults) -> common_pb2.LoraInfo:
+    """A served adapter and its NAME.json defaults (`imagegen.common.lora.LoraDefaults`)."""
+    info = common_pb2.LoraInfo(name=name)
+    if defaults.steps is not None:
+        info.steps = defaults.steps
+    if defaults.guidance_scale is not None:
+        info.guidance_scale = defaults.guidance_scale
+    return info
+
+
+def lora_defaults(info: common_pb2.LoraInfo):
+    from imagegen.common.lora import LoraDefaults
+
+    return LoraDefaults(
+        steps=info.steps if info.HasField("steps") else None,
+        guidance_scale=info.guidance_scale if info.HasField("guidance_scale") else None,
+    )

@@ -18,11 +18,19 @@ from dataclasses import dataclass
 
 import grpc
 from imagegen.common.families.inputs import decode_inputs
+from imagegen.common.lora.registry import check_lora_weights, with_lora_defaults
 from imagegen.common.options import Limits, ResolvedOptions
 from imagegen.common.pipeline import resolve_for
 from imagegen.common.serving import metrics
 from imagegen.common.serving.channels import call_with_retries
-from imagegen.common.serving.convert import format_name, request_options, resolved_to_proto
+from imagegen.common.serving.convert import (
+    format_name,
+    lora_defaults,
+    lora_weights,
+    lora_weights_to_proto,
+    request_options,
+    resolved_to_proto,
+)
 from imagegen.common.serving.handlers import current_request_id
 from imagegen.common.serving.retry import RetryBudget
 from imagegen.common.serving.routes import Route, RouteTable
@@ -44,6 +52,7 @@ class Job:
     resolved: ResolvedOptions
     images: Sequence[bytes]
     output_format: int
+    loras: tuple[tuple[str, float], ...] = ()  # (adapter name, scale); the denoiser resolves the names
 
 
 class Gateway:
@@ -54,11 +63,17 @@ class Gateway:
     async def validate(self, request, images: Sequence[bytes], budget: RetryBudget) -> Job:
         fmt = format_name(request.output_format)
         route, family = await self.routes.get(request.model, budget)
-        options = request_options(request)
+        loras = tuple(lora_weights(request))
+        check_lora_weights(loras)
+        # The denoiser's adapters (its Describe) bring NAME.json defaults; names it lacks it refuses itself.
+        served = {info.name: info for info in route.infos["denoiser"].loras} if "denoiser" in route.infos else {}
+        options = with_lora_defaults(
+            request_options(request), [lora_defaults(served[name]) for name, _ in loras if name in served]
+        )
         pil_images = await asyncio.to_thread(decode_inputs, images, family, self.limits) if images else []
         resolved = resolve_for(family, options, pil_images, self.limits)
         check_response_size(resolved.num_images, resolved.width, resolved.height, fmt, self.limits)
-        return Job(current_request_id(), route, resolved, images, request.output_format)
+        return Job(current_request_id(), route, resolved, images, request.output_format, loras)
 
     async def run(self, job: Job, budget: RetryBudget, progress: bool = True) -> AsyncIterator[Event]:
         """Progress messages, then the response. Without `progress` the denoiser sends no per-step events (a
@@ -77,6 +92,7 @@ class Gateway:
             negative_embeds=negative,
             condition=condition,
             progress=progress,
+            loras=lora_weights_to_proto(job.loras),
         )
         latents = None
         async for item in self._denoise_relayed(job, request, budget):

@@ -154,6 +154,14 @@ def _format_value(name: str) -> int:
         raise ValueError(f"output_format must be png, jpeg, webp or npy, got {name!r}") from None
 
 
+def _lora_weights(loras: Any) -> list[common_pb2.LoraWeight]:
+    """`loras={"name": 0.8}` (or (name, scale) pairs, in order) -> the request's LoraWeight list."""
+    if not loras:
+        return []
+    pairs = loras.items() if isinstance(loras, dict) else loras
+    return [common_pb2.LoraWeight(name=str(name), scale=float(scale)) for name, scale in pairs]
+
+
 class _Core:
     """What both clients share: requests, metadata, deadlines, retries, results."""
 
@@ -179,7 +187,7 @@ class _Core:
         self.retry = retry
 
     def request(self, images: Sequence[ImageInput] | None, prompt: str, options: dict[str, Any]):
-        unknown = set(options) - {*OPTION_FIELDS, "output_format", "request_id", "model"}
+        unknown = set(options) - {*OPTION_FIELDS, "output_format", "request_id", "model", "loras"}
         if unknown:
             raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
         fields = {k: v for k, v in options.items() if k in OPTION_FIELDS and v is not None}
@@ -187,6 +195,7 @@ class _Core:
         fields["model"] = options.get("model") or self.model or ""
         # One id for the call, retries included, so that their log lines correlate.
         fields["request_id"] = options.get("request_id") or uuid.uuid4().hex
+        fields["loras"] = _lora_weights(options.get("loras"))
         if images is None:
             return image_service_pb2.GenerateImageRequest(prompt=prompt, **fields)
         if isinstance(images, PIL.Image.Image | bytes | str | os.PathLike):
@@ -256,7 +265,7 @@ class ImageClient:
     ) -> Result:
         """Text to image. Options: negative_prompt, width, height, steps, guidance_scale, cfg_normalization,
         cfg_truncation, max_sequence_length, seed, num_images, output_format ("png", "jpeg", "webp", "npy"),
-        model, request_id."""
+        model, request_id, loras ({"adapter name": scale}, as diffusers' set_adapters)."""
         request = self._core.request(None, prompt, options)
         stream, unary = self._stub.GenerateImageStream, self._stub.GenerateImage
         return self._call(request, unary, stream, progress, timeout)
