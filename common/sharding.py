@@ -68,6 +68,10 @@ class SequencePlan:
     def local_real(self) -> torch.Tensor:
         return self._rank_rows(self.rank)[1]
 
+    def rank_real(self, rank: int) -> torch.Tensor:
+        """Which local rows of `rank` are real (False on its padding rows)."""
+        return self._rank_rows(rank)[1]
+
     @cached_property
     def has_padding(self) -> bool:
         return self.world * self.local_len != self.num_tokens

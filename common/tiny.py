@@ -310,7 +310,7 @@ def _qwen_text_encoder(seed: int, tok: Qwen2Tokenizer) -> Qwen2_5_VLForCondition
     return _seeded(seed, 1, lambda: Qwen2_5_VLForConditionalGeneration(config))
 
 
-def _qwen_transformer(seed: int, zero_cond_t: bool) -> QwenImageTransformer2DModel:
+def _qwen_transformer(seed: int, zero_cond_t: bool, heads: int = DIT_HEADS) -> QwenImageTransformer2DModel:
     return _seeded(
         seed,
         2,
@@ -320,7 +320,7 @@ def _qwen_transformer(seed: int, zero_cond_t: bool) -> QwenImageTransformer2DMod
             out_channels=16,
             num_layers=2,
             attention_head_dim=DIT_HEAD_DIM,
-            num_attention_heads=DIT_HEADS,
+            num_attention_heads=heads,
             joint_attention_dim=QWEN_TEXT_HIDDEN,
             axes_dims_rope=(4, 6, 6),
             zero_cond_t=zero_cond_t,
@@ -361,14 +361,14 @@ def _qwen_processor() -> Qwen2VLProcessor:
     )
 
 
-def _qwen_components(seed: int, zero_cond_t: bool = False) -> dict[str, object]:
+def _qwen_components(seed: int, zero_cond_t: bool = False, heads: int = DIT_HEADS) -> dict[str, object]:
     tokenizer = _make_tokenizer(_QWEN25_ADDED)
     return {
         "scheduler": _qwen_scheduler(),
         "vae": _qwen_vae(seed),
         "text_encoder": _qwen_text_encoder(seed, tokenizer),
         "tokenizer": tokenizer,
-        "transformer": _qwen_transformer(seed, zero_cond_t),
+        "transformer": _qwen_transformer(seed, zero_cond_t, heads),
     }
 
 
@@ -392,7 +392,12 @@ def _z_text_encoder(seed: int, tok: Qwen2Tokenizer) -> Qwen3Model:
     return _seeded(seed, 11, lambda: Qwen3Model(config))
 
 
-def _z_transformer(seed: int) -> ZImageTransformer2DModel:
+# Z-Image keeps dim 96 whatever the head count (see below); RoPE axes must add up to the head dim.
+_Z_AXES_BY_HEAD_DIM = {24: [8, 8, 8], 16: [4, 6, 6]}
+
+
+def _z_transformer(seed: int, heads: int = Z_DIT_HEADS) -> ZImageTransformer2DModel:
+    head_dim = Z_DIT_HEADS * Z_DIT_HEAD_DIM // heads
     return _seeded(
         seed,
         12,
@@ -404,10 +409,10 @@ def _z_transformer(seed: int) -> ZImageTransformer2DModel:
             dim=Z_DIT_HEADS * Z_DIT_HEAD_DIM,
             n_layers=2,
             n_refiner_layers=2,
-            n_heads=Z_DIT_HEADS,
-            n_kv_heads=Z_DIT_HEADS,
+            n_heads=heads,
+            n_kv_heads=heads,
             cap_feat_dim=QWEN3_HIDDEN,
-            axes_dims=[8, 8, 8],
+            axes_dims=_Z_AXES_BY_HEAD_DIM[head_dim],
             axes_lens=[1024, 512, 512],  # axis 0 carries caption positions: 512 tokens + padding fit
         ),
     )
@@ -444,13 +449,14 @@ def _z_scheduler(variant: str | None) -> FlowMatchEulerDiscreteScheduler:
 
 
 # --- pipelines ----------------------------------------------------------------------------------------------------
-def _build_pipeline(family: str, seed: int, variant: str | None) -> DiffusionPipeline:
+def _build_pipeline(family: str, seed: int, variant: str | None, heads: int | None = None) -> DiffusionPipeline:
+    qwen_heads = heads or DIT_HEADS
     if family == "qwen-image":
-        return QwenImagePipeline(**_qwen_components(seed))
+        return QwenImagePipeline(**_qwen_components(seed, heads=qwen_heads))
     if family == "qwen-image-edit":
-        return QwenImageEditPipeline(processor=_qwen_processor(), **_qwen_components(seed))
+        return QwenImageEditPipeline(processor=_qwen_processor(), **_qwen_components(seed, heads=qwen_heads))
     if family == "qwen-image-edit-plus":
-        components = _qwen_components(seed, zero_cond_t=variant == "2511")
+        components = _qwen_components(seed, zero_cond_t=variant == "2511", heads=qwen_heads)
         return QwenImageEditPlusPipeline(processor=_qwen_processor(), **components)
     tokenizer = _make_tokenizer(_QWEN3_ADDED, QWEN3_CHAT_TEMPLATE)
     return ZImagePipeline(
@@ -458,7 +464,7 @@ def _build_pipeline(family: str, seed: int, variant: str | None) -> DiffusionPip
         vae=_z_vae(seed),
         text_encoder=_z_text_encoder(seed, tokenizer),
         tokenizer=tokenizer,
-        transformer=_z_transformer(seed),
+        transformer=_z_transformer(seed, heads or Z_DIT_HEADS),
     )
 
 
@@ -492,10 +498,14 @@ def _check_vae_spread(pipe: DiffusionPipeline) -> None:
         )
 
 
-def build_tiny_pipeline(family: str, seed: int = 0, *, variant: str | None = None) -> DiffusionPipeline:
-    """The in-memory pipeline that build_tiny_checkpoint saves (float32, eval mode), after the sanity checks."""
+def build_tiny_pipeline(
+    family: str, seed: int = 0, *, variant: str | None = None, heads: int | None = None
+) -> DiffusionPipeline:
+    """The in-memory pipeline that build_tiny_checkpoint saves (float32, eval mode), after the sanity checks.
+    `heads` overrides the DiT's attention head count (e.g. 6, which 4 and 8 sequence-parallel ranks do not
+    divide); the default is 4."""
     _validate(family, variant)
-    pipe = _build_pipeline(family, seed, variant)
+    pipe = _build_pipeline(family, seed, variant, heads)
     if family != "z-image":
         check_template_token_counts(pipe)
     _check_vae_spread(pipe)
@@ -503,10 +513,10 @@ def build_tiny_pipeline(family: str, seed: int = 0, *, variant: str | None = Non
 
 
 def build_tiny_checkpoint(
-    family: str, out_dir: str | os.PathLike, seed: int = 0, *, variant: str | None = None
+    family: str, out_dir: str | os.PathLike, seed: int = 0, *, variant: str | None = None, heads: int | None = None
 ) -> pathlib.Path:
     """Write a complete diffusers-format folder for ``family`` into ``out_dir`` and return its path."""
-    pipe = build_tiny_pipeline(family, seed, variant=variant)
+    pipe = build_tiny_pipeline(family, seed, variant=variant, heads=heads)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
@@ -521,14 +531,15 @@ def _cache_root(cache_dir: str | None) -> pathlib.Path:
 
 
 def tiny_checkpoint_cached(
-    family: str, variant: str | None = None, seed: int = 0, cache_dir: str | None = None
+    family: str, variant: str | None = None, seed: int = 0, cache_dir: str | None = None, heads: int | None = None
 ) -> pathlib.Path:
     """Build once into ``cache_dir`` (default ``$IMAGEGEN_CACHE/tiny``, else ``~/.cache/imagegen/tiny``) and return
-    ``<root>/<family>[-<variant>]-s<seed>-v<BUILDER_VERSION>``. Concurrent callers (threads or processes) each build
-    into a private temp folder and rename it into place; the first rename wins, the others discard their copy."""
+    ``<root>/<family>[-<variant>][-h<heads>]-s<seed>-v<BUILDER_VERSION>``. Concurrent callers (threads or processes)
+    each build into a private temp folder and rename it into place; the first rename wins, the others discard
+    their copy."""
     _validate(family, variant)
     root = _cache_root(cache_dir)
-    name = f"{family}{f'-{variant}' if variant else ''}-s{seed}-v{BUILDER_VERSION}"
+    name = f"{family}{f'-{variant}' if variant else ''}{f'-h{heads}' if heads else ''}-s{seed}-v{BUILDER_VERSION}"
     final = root / name
     if (final / "model_index.json").is_file():
         return final
@@ -536,7 +547,7 @@ def tiny_checkpoint_cached(
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
     try:
-        build_tiny_checkpoint(family, tmp, seed, variant=variant)
+        build_tiny_checkpoint(family, tmp, seed, variant=variant, heads=heads)
         try:
             os.rename(tmp, final)
         except OSError:

@@ -1,6 +1,8 @@
 """The process group of a denoiser: P sequence-parallel ranks x C in {1, 2} CFG-parallel ranks.
 
-Rank `c * P + s` computes CFG branch `c` (0 positive, 1 negative) on sequence shard `s`. The same code runs on
+Rank `c * P + s` computes CFG branch `c` (0 positive, 1 negative) on sequence shard `s`. The P ranks of a branch
+split into a Ulysses degree U and a ring degree R = P / U (`SequenceParallelLayout`), each with its subgroups.
+The same code runs on
 gloo (CPU) and NCCL (GPU). Control messages (jobs, stop flags) always travel on a gloo group, so deciding to
 stop never waits on the GPU stream. Every collective has a timeout, so a dead or hung rank fails the whole
 group with an error instead of hanging it.
@@ -9,29 +11,19 @@ group with an error instead of hanging it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from imagegen.common.errors import ImagegenError
+from imagegen.common.parallel.layout import SequenceParallelLayout
 
 DEFAULT_TIMEOUT_S = 300.0
 
 
 class GroupError(ImagegenError):
     """The process group cannot be formed or a peer failed."""
-
-
-def valid_sp_degrees(num_heads: int) -> list[int]:
-    return [d for d in range(1, num_heads + 1) if num_heads % d == 0]
-
-
-def check_sp_degree(sp: int, num_heads: int) -> None:
-    """Ulysses splits attention heads over the ranks: refuse a degree that does not divide them."""
-    if sp < 1 or num_heads % sp:
-        degrees = ", ".join(map(str, valid_sp_degrees(num_heads)))
-        raise GroupError(f"--sp {sp} does not divide the model's {num_heads} attention heads; valid degrees: {degrees}")
 
 
 @dataclass
@@ -44,6 +36,10 @@ class ParallelGroup:
     sp_group: dist.ProcessGroup
     cfg_group: dist.ProcessGroup | None
     control_group: dist.ProcessGroup
+    layout: SequenceParallelLayout = field(default_factory=SequenceParallelLayout)
+    ulysses_group: dist.ProcessGroup | None = None  # None when U = 1 (no all-to-all)
+    ring_ranks: list[int] = field(default_factory=list)  # global ranks of this rank's ring, in ring order
+    ring_group: dist.ProcessGroup | None = None  # None when R = 1 (no ring)
 
     @property
     def sp_rank(self) -> int:
@@ -54,14 +50,30 @@ class ParallelGroup:
         return self.rank // self.sp
 
     @property
+    def ring_rank(self) -> int:
+        return self.layout.ring_rank(self.sp_rank)
+
+    @property
+    def ulysses_rank(self) -> int:
+        return self.layout.ulysses_rank(self.sp_rank)
+
+    @property
     def is_leader(self) -> bool:
         return self.rank == 0
 
     @staticmethod
     def from_environment(
-        sp: int, cfg_parallel: bool, device: str | torch.device, timeout_s: float = DEFAULT_TIMEOUT_S
+        sp: int,
+        cfg_parallel: bool,
+        device: str | torch.device,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        layout: SequenceParallelLayout | None = None,
     ) -> ParallelGroup:
-        """Join the group described by torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+        """Join the group described by torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+        `layout` is U x R with U * R = sp; the default is Ulysses only (U = sp)."""
+        layout = layout or SequenceParallelLayout(sp, 1)
+        if layout.sp != sp:
+            raise GroupError(f"layout {layout} is not --sp {sp}")
         cfg = 2 if cfg_parallel else 1
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
@@ -79,6 +91,9 @@ class ParallelGroup:
         sp_groups = [dist.new_group(list(range(c * sp, (c + 1) * sp)), timeout=timeout) for c in range(cfg)]
         cfg_groups = [dist.new_group([s, s + sp], timeout=timeout) for s in range(sp)] if cfg == 2 else []
         control = dist.new_group(list(range(world)), backend="gloo", timeout=timeout) if backend != "gloo" else None
+        ulysses_group, ring_group, ring_ranks = _ulysses_and_ring_groups(layout, cfg, rank, timeout)
+        if layout.ring == 1 and layout.ulysses > 1:
+            ulysses_group = sp_groups[rank // sp]
         return ParallelGroup(
             rank=rank,
             world_size=world,
@@ -88,6 +103,10 @@ class ParallelGroup:
             sp_group=sp_groups[rank // sp],
             cfg_group=cfg_groups[rank % sp] if cfg_groups else None,
             control_group=control or dist.group.WORLD,
+            layout=layout,
+            ulysses_group=ulysses_group,
+            ring_ranks=ring_ranks,
+            ring_group=ring_group,
         )
 
     def broadcast_bytes(self, payload: bytes | None) -> bytes:
@@ -110,3 +129,25 @@ class ParallelGroup:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _ulysses_and_ring_groups(
+    layout: SequenceParallelLayout, cfg: int, rank: int, timeout: timedelta
+) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None, list[int]]:
+    """This rank's Ulysses subgroup and ring subgroup (with its members' global ranks in ring order). Every rank
+    creates every subgroup of every CFG branch, in the same order, as `new_group` requires."""
+    sp = layout.sp
+    ulysses_group = ring_group = None
+    ring_ranks: list[int] = []
+    for c in range(cfg):
+        if layout.ulysses > 1 and layout.ring > 1:  # with R = 1 the Ulysses group is the sp group
+            for r in range(layout.ring):
+                members = [c * sp + s for s in layout.ulysses_members(r)]
+                made = dist.new_group(members, timeout=timeout)
+                ulysses_group = made if rank in members else ulysses_group
+        for u in range(layout.ulysses):
+            members = [c * sp + s for s in layout.ring_members(u)]
+            made = dist.new_group(members, timeout=timeout) if layout.ring > 1 else None
+            if rank in members:
+                ring_group, ring_ranks = made, members
+    return ulysses_group, ring_group, ring_ranks

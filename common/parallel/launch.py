@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from imagegen.common.checkpoint import open_model_folder, parse_device, parse_dtype
 from imagegen.common.families import get_family
-from imagegen.common.parallel.group import DEFAULT_TIMEOUT_S, GroupError, ParallelGroup, check_sp_degree
+from imagegen.common.parallel.group import DEFAULT_TIMEOUT_S, GroupError, ParallelGroup
+from imagegen.common.parallel.layout import SequenceParallelLayout, choose_layout
 from imagegen.common.parallel.runner import GroupDenoiser, follow_leader
 
 _RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -35,6 +36,11 @@ def is_torchrun_follower() -> bool:
 def transformer_heads(model: str | Path) -> int:
     config = open_model_folder(model).config("transformer")
     return int(config.get("num_attention_heads") or config["n_heads"])
+
+
+def model_layout(model: str | Path, sp: int, ulysses: int | None = None) -> SequenceParallelLayout:
+    """The Ulysses x ring split of `--sp` for this model (`LayoutError` naming the valid ones if impossible)."""
+    return choose_layout(sp, transformer_heads(model), ulysses)
 
 
 def free_port() -> int:
@@ -84,14 +90,16 @@ def local_group(
     device: str = "cpu",
     timeout_s: float = DEFAULT_TIMEOUT_S,
     threads: int = 0,
+    ulysses: int | None = None,
 ):
-    """Yield rank 0's `GroupDenoiser` of a P x C group on this machine; stop every rank on exit.
+    """Yield rank 0's `GroupDenoiser` of a P x C group on this machine; stop every rank on exit. The P ranks
+    split into Ulysses x ring as `model_layout(model, sp, ulysses)` says.
 
     A rank that dies or hangs makes the next collective on rank 0 fail (a closed connection, or the collective
     timeout); `GroupDenoiser.run` raises that as `GroupError`, naming the failed rank where known, and the
     workers of a broken group are killed on exit instead of being asked to stop.
     """
-    check_sp_degree(sp, transformer_heads(model))
+    layout = model_layout(model, sp, ulysses)
     parse_dtype(dtype)
     device = parse_device(device)
     world = sp * (2 if cfg_parallel else 1)
@@ -101,6 +109,7 @@ def local_group(
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
     command = [sys.executable, "-m", "imagegen.common.parallel.worker", "--model", str(model), "--dtype", dtype]
     command += ["--device", device.type, "--sp", str(sp), "--timeout", str(timeout_s), "--threads", str(threads)]
+    command += ["--ulysses", str(layout.ulysses)]
     command += ["--cfg-parallel"] if cfg_parallel else []
     root = str(Path(__file__).resolve().parents[2])
     env_path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
@@ -116,7 +125,7 @@ def local_group(
     runner = None
     try:
         try:
-            group, denoiser = join_group(model, sp, cfg_parallel, dtype, device.type, timeout_s)
+            group, denoiser = join_group(model, sp, cfg_parallel, dtype, device.type, timeout_s, layout.ulysses)
             runner = GroupDenoiser(group, denoiser, lambda: workers.failure)
             yield runner
             runner.close()
@@ -135,19 +144,33 @@ def local_group(
 
 
 def join_group(
-    model: str | Path, sp: int, cfg_parallel: bool, dtype: str, device: str, timeout_s: float
+    model: str | Path,
+    sp: int,
+    cfg_parallel: bool,
+    dtype: str,
+    device: str,
+    timeout_s: float,
+    ulysses: int | None = None,
 ) -> tuple[ParallelGroup, object]:
     """Join the group the rendezvous variables describe (every rank calls this, whoever started it) and load
-    this rank's denoise stage."""
-    check_sp_degree(sp, transformer_heads(model))
-    group = ParallelGroup.from_environment(sp, cfg_parallel, parse_device(device), timeout_s)
+    this rank's denoise stage. Every rank derives the same layout from the same model and flags."""
+    layout = model_layout(model, sp, ulysses)
+    group = ParallelGroup.from_environment(sp, cfg_parallel, parse_device(device), timeout_s, layout)
     folder = open_model_folder(model)
     return group, get_family(folder.family).denoiser(folder, parse_dtype(dtype), group.device)
 
 
-def follow_as_rank(model: str | Path, sp: int, cfg_parallel: bool, dtype: str, device: str, timeout_s: float) -> None:
+def follow_as_rank(
+    model: str | Path,
+    sp: int,
+    cfg_parallel: bool,
+    dtype: str,
+    device: str,
+    timeout_s: float,
+    ulysses: int | None = None,
+) -> None:
     """A rank other than 0: join the group and run every job rank 0 broadcasts until it says stop."""
-    group, denoiser = join_group(model, sp, cfg_parallel, dtype, device, timeout_s)
+    group, denoiser = join_group(model, sp, cfg_parallel, dtype, device, timeout_s, ulysses)
     try:
         follow_leader(group, denoiser)
     finally:
@@ -163,13 +186,14 @@ def group_denoiser(
     device: str = "cpu",
     timeout_s: float = DEFAULT_TIMEOUT_S,
     threads: int = 0,
+    ulysses: int | None = None,
 ):
     """Rank 0's `GroupDenoiser`: the group torchrun started, or one spawned on this machine."""
     if not launched_by_torchrun():
-        with local_group(model, sp, cfg_parallel, dtype, device, timeout_s, threads) as runner:
+        with local_group(model, sp, cfg_parallel, dtype, device, timeout_s, threads, ulysses) as runner:
             yield runner
         return
-    group, denoiser = join_group(model, sp, cfg_parallel, dtype, device, timeout_s)
+    group, denoiser = join_group(model, sp, cfg_parallel, dtype, device, timeout_s, ulysses)
     runner = GroupDenoiser(group, denoiser)
     try:
         yield runner

@@ -1,4 +1,4 @@
-"""`Sharding` over a `ParallelGroup`: Ulysses attention, CFG branches on their own ranks, sums and gathers."""
+"""`Sharding` over a `ParallelGroup`: Ulysses (x ring) attention, CFG branches on their own ranks, gathers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import torch
 import torch.distributed as dist
 from imagegen.common.attention import LOCAL_ATTENTION, AttentionBackend
 from imagegen.common.parallel.group import ParallelGroup
+from imagegen.common.parallel.ring import RingShift
 from imagegen.common.parallel.ulysses import UlyssesAttention
+from imagegen.common.parallel.usp import UlyssesRingAttention, ring_merge_from_environment
 from imagegen.common.sharding import SequencePlan
 
 
@@ -15,14 +17,19 @@ class GroupSharding:
         self.group = group
         self.sp_size = group.sp
         self.sp_rank = group.sp_rank
+        self.ring_merge = ring_merge_from_environment()  # read once: every rank of a group inherits the same
 
     def plan(self, segments: tuple[int, ...]) -> SequencePlan:
         return SequencePlan(segments, self.group.sp, self.group.sp_rank)
 
     def attention(self, plan: SequencePlan) -> AttentionBackend:
-        if self.group.sp == 1:
+        group = self.group
+        if group.sp == 1:
             return LOCAL_ATTENTION
-        return UlyssesAttention(plan, self.group.sp_group, self.group.device)
+        if group.layout.ring == 1:  # Ulysses alone keeps one process's key order exactly
+            return UlyssesAttention(plan, group.sp_group, group.device)
+        ring = RingShift(group.ring_ranks, group.ring_rank, group.ring_group)
+        return UlyssesRingAttention(plan, group.layout, group.ulysses_group, ring, group.device, self.ring_merge)
 
     def _splits_branches(self, names: list[str]) -> bool:
         return self.group.cfg == 2 and len(names) == 2
