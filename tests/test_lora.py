@@ -99,6 +99,15 @@ def test_one_and_two_adapters_equal_diffusers_and_nothing_stays_merged(labs, fam
         assert torch.equal(after.outputs[key], output), key
 
 
+def test_fast_kernels_see_the_merge_through_their_fused_weights(labs) -> None:
+    """The fast path's fused QKV / W13 buffers are views of the linears' weights: merging writes them too."""
+    lab = labs("z-image")
+    fast = Pipeline(lab.path, kernels="fast", compile="off", lora_dir=lab.lora_dir)
+    base = lab.run([], fast)
+    assert_parity(lab.run(TWO, fast), lab.diffusers(TWO))
+    assert torch.equal(torch.from_numpy(lab.run([], fast).images), torch.from_numpy(base.images))
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_sp2_group_with_two_adapters_equals_diffusers(labs, family: str) -> None:
     lab = labs(family)
