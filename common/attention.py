@@ -85,6 +85,35 @@ def attend_in_order(
     return sharded_out, replicated_out
 
 
+def joint_by_length(
+    backend: AttentionBackend,
+    sharded: Heads,
+    replicated: Heads,
+    replicated_first: bool,
+    lengths: tuple[int, ...] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`backend.joint` for a batch whose row b holds only its first `lengths[b]` replicated tokens (several
+    requests' texts padded to the longest, `imagegen.common.batching`). Each run of consecutive rows of one
+    length attends over exactly its own tokens, unmasked, so padding never reaches a real token's result; the
+    padded rows' outputs are zero. Under sequence parallelism every rank has the same runs (the same batch)."""
+    full = len(replicated)
+    if lengths is None or all(n == full for n in lengths):
+        return backend.joint(sharded, replicated, replicated_first)
+    sharded_parts, replicated_parts = [], []
+    start = 0
+    while start < len(lengths):
+        end, n = start, lengths[start]
+        while end < len(lengths) and lengths[end] == n:
+            end += 1
+        rows = Heads(sharded.q[start:end], sharded.k[start:end], sharded.v[start:end])
+        text = Heads(replicated.q[start:end, :n], replicated.k[start:end, :n], replicated.v[start:end, :n])
+        sharded_out, text_out = backend.joint(rows, text, replicated_first)
+        sharded_parts.append(sharded_out)
+        replicated_parts.append(F.pad(text_out, (0, 0, 0, 0, 0, full - n)))
+        start = end
+    return torch.cat(sharded_parts), torch.cat(replicated_parts)
+
+
 class LocalAttention:
     """Every token on this process: plain joint attention."""
 
@@ -103,10 +132,12 @@ class AttentionLayout:
 
     It travels through the diffusers blocks in the argument they reserve for rotary embeddings, which only our
     processors read. `num_replicated` trailing tokens of a single-stream sequence (Z-Image) are replicated;
-    a dual-stream block (Qwen) gets its replicated text as a separate stream.
+    a dual-stream block (Qwen) gets its replicated text as a separate stream. `replicated_lengths` gives each
+    batch row's real replicated tokens when a batch of requests pads texts of different lengths (None: all).
     """
 
     backend: AttentionBackend
     sharded_rotary: Rotary | None
     replicated_rotary: Rotary | None
     num_replicated: int = 0
+    replicated_lengths: tuple[int, ...] | None = None

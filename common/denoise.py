@@ -3,6 +3,10 @@
 Families supply `predict(latents, step) -> velocity` (their DiT forward(s) and CFG rule); the loop owns
 cancellation, the Euler update and progress. Nothing here reads a device value back to the host, so a step
 can later be captured whole (torch.compile / CUDA graphs).
+
+A batch of jobs (`imagegen.common.batching`) runs through `run_batch_loop`: one `predict` call per step for
+all of them, while each keeps its own latents, progress and stop decision (a member that stops leaves at a
+step boundary; the others go on).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from imagegen.common.sharding import LOCAL, Sharding
 from safetensors.torch import load, save
 
 Predict = Callable[[torch.Tensor, int], torch.Tensor]
+# (indices of the members still running, their latents, step) -> their velocities, in the same order.
+BatchPredict = Callable[[tuple[int, ...], list[torch.Tensor], int], list[torch.Tensor]]
 
 
 @dataclass
@@ -71,6 +77,19 @@ def decode_job(blob: bytes) -> tuple[DenoiseJob, dict[str, str]]:
     return job, metadata
 
 
+def encode_batch(jobs: list[DenoiseJob], flags: list[dict[str, str]]) -> bytes:
+    """Several jobs as one safetensors blob: each job's `encode_job` blob (with its flags) as a uint8 tensor."""
+    blobs = [encode_job(job, **job_flags) for job, job_flags in zip(jobs, flags, strict=True)]
+    return save({str(i): torch.frombuffer(bytearray(blob), dtype=torch.uint8) for i, blob in enumerate(blobs)})
+
+
+def decode_batch(blob: bytes) -> tuple[list[DenoiseJob], list[dict[str, str]]]:
+    """Inverse of `encode_batch`."""
+    tensors = load(blob)
+    decoded = [decode_job(tensors[str(i)].numpy().tobytes()) for i in range(len(tensors))]
+    return [job for job, _ in decoded], [job_flags for _, job_flags in decoded]
+
+
 def _header_metadata(blob: bytes) -> dict[str, str]:
     """The `__metadata__` of a safetensors blob (8-byte little-endian header length, then JSON)."""
     header_len = int.from_bytes(blob[:8], "little")
@@ -94,17 +113,57 @@ class StepHooks:
 def run_denoise_loop(
     predict: Predict, latents: torch.Tensor, schedule: Schedule, hooks: StepHooks, sharding: Sharding = LOCAL
 ) -> torch.Tensor:
-    """Euler steps over `schedule`; latents may be this rank's shard (every update is per token)."""
+    """Euler steps over `schedule` for one job (a batch of one); latents may be this rank's shard."""
+    result = run_batch_loop(lambda _, lat, step: [predict(lat[0], step)], [latents], schedule, [hooks], sharding)
+    return raise_or_return(result[0])
+
+
+def run_batch_loop(
+    predict: BatchPredict,
+    latents: list[torch.Tensor],
+    schedule: Schedule,
+    hooks: list[StepHooks],
+    sharding: Sharding = LOCAL,
+) -> list[torch.Tensor | Cancelled]:
+    """Euler steps over `schedule` for every member of a batch; each result is its final latents, or the
+    `Cancelled` that made it leave before some step (the others are unaffected: every update is per member)."""
     total = schedule.num_steps
+    latents = list(latents)
+    results: list[torch.Tensor | Cancelled | None] = [None] * len(latents)
+    active = tuple(range(len(latents)))
     for step in range(total):
-        # Every rank of a group takes the same decision (rank 0's), so none is left inside a collective.
-        if sharding.should_stop(hooks.should_stop is not None and hooks.should_stop()):
-            raise Cancelled(f"stopped before step {step + 1} of {total}")
-        velocity = predict(latents, step)
-        latents = euler_step(latents, velocity, schedule, step)
-        if hooks.on_step is not None:
-            hooks.on_step(step + 1, total)
-    return latents
+        stops = _stop_decisions(sharding, [hooks[i] for i in active])
+        for member, stop in zip(active, stops, strict=True):
+            if stop:
+                results[member] = Cancelled(f"stopped before step {step + 1} of {total}")
+        active = tuple(m for m, stop in zip(active, stops, strict=True) if not stop)
+        if not active:
+            break
+        velocities = predict(active, [latents[m] for m in active], step)
+        for member, velocity in zip(active, velocities, strict=True):
+            latents[member] = euler_step(latents[member], velocity, schedule, step)
+            if hooks[member].on_step is not None:
+                hooks[member].on_step(step + 1, total)
+    for member in active:
+        results[member] = latents[member]
+    return results
+
+
+def _stop_decisions(sharding: Sharding, hooks: list[StepHooks]) -> list[bool]:
+    """Each member's stop decision, the same on every rank (rank 0's): one collective per step while nobody
+    stops, and one per member only at a step where someone does."""
+    wants = [h.should_stop is not None and h.should_stop() for h in hooks]
+    if not sharding.should_stop(any(wants)):
+        return [False] * len(hooks)
+    if len(hooks) == 1:
+        return [True]
+    return [sharding.should_stop(want) for want in wants]
+
+
+def raise_or_return(result: torch.Tensor | BaseException) -> torch.Tensor:
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def applies_loras(run: Callable) -> Callable:
@@ -127,7 +186,8 @@ def applies_loras(run: Callable) -> Callable:
 class DenoiseStage:
     """Base of the families' denoise stages: their DiT forward over a loaded transformer, plus its scheduler
     config. Subclasses name `dit_class` (the reference forward) and `fast_class` (the fast-path forward over the
-    same modules, `imagegen.common.kernels`) and implement `run(job, hooks, sharding) -> latents`."""
+    same modules, `imagegen.common.kernels`) and implement `run_batch(jobs, hooks, sharding)`: jobs that share
+    a batch key (`imagegen.common.batching.batch_key`) in one forward per step, one result per job."""
 
     dit_class: type
     fast_class: type
@@ -184,6 +244,15 @@ class DenoiseStage:
         adapters = [(self.adapters.get(path), scale) for path, scale in loras]
         key = tuple((self.adapters.key(path), scale) for path, scale in loras)
         self.lora_slot.use(key, adapters)
+
+    def run(self, job: DenoiseJob, hooks: StepHooks | None = None, sharding: Sharding = LOCAL) -> torch.Tensor:
+        """One job: a batch of one (a stop raises `Cancelled`)."""
+        return raise_or_return(self.run_batch([job], [hooks or StepHooks()], sharding)[0])
+
+    def run_batch(
+        self, jobs: list[DenoiseJob], hooks: list[StepHooks], sharding: Sharding = LOCAL
+    ) -> list[torch.Tensor | BaseException]:
+        raise NotImplementedError
 
     def uses_fast_path(self, sharding: Sharding) -> bool:
         """The fast path runs where the whole sequence is on this process (CFG may still be split); a

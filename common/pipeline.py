@@ -102,5 +102,8 @@ class Pipeline:
 
     def run_job(self, job: DenoiseJob, hooks: StepHooks | None = None, denoiser=None) -> np.ndarray:
         """Denoise and decode an already encoded job (optionally on another denoiser, e.g. a group)."""
-        latents = (denoiser or self.denoiser).run(job, hooks)
+        return self.decode((denoiser or self.denoiser).run(job, hooks), job)
+
+    def decode(self, latents: torch.Tensor, job: DenoiseJob) -> np.ndarray:
+        """A job's final latents as float32 images `[K, H, W, 3]` in [0, 1]."""
         return to_float_array(self.vae.decode(latents, job.options.width, job.options.height))

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+from imagegen.common.batching import batch_key
 from imagegen.common.cache import RedisStore
 from imagegen.common.denoise import DenoiseJob, StepHooks
 from imagegen.common.errors import InvalidArgument
@@ -38,7 +39,7 @@ from imagegen.common.serving.convert import grids_from_proto, lora_info, lora_we
 from imagegen.common.serving.embeddings import load_embeddings
 from imagegen.common.serving.handlers import in_executor, require_ready, rpc
 from imagegen.common.serving.hosting import LOAD_LOCK, HostedModel, compute_thread
-from imagegen.common.serving.jobs import JobQueue
+from imagegen.common.serving.jobs import Batching, JobQueue
 from imagegen.common.serving.server import Service
 from imagegen.common.serving.status import GROUP_FAILED, with_reason
 from imagegen.common.validation import (
@@ -50,11 +51,17 @@ from imagegen.common.validation import (
 )
 from imagegen.common.warmup import parse_sizes, warm_up
 from imagegen.common.wire import LATENTS, pack, unpack
+from imagegen.services.flags import BATCH_WAIT_MS, CUDA_MAX_BATCH
 
 from imagegen.v1 import common_pb2, denoiser_pb2, denoiser_pb2_grpc
 
 SERVICE = "imagegen.v1.DenoiserService"
 log = logging.getLogger(__name__)
+
+
+def default_max_batch(device) -> int:
+    """1 on the CPU (a forward there is compute-bound already), `CUDA_MAX_BATCH` on a GPU."""
+    return CUDA_MAX_BATCH if str(device).startswith("cuda") else 1
 
 
 class GroupEngine:
@@ -76,6 +83,12 @@ class GroupEngine:
     def run(self, job: DenoiseJob, hooks: StepHooks):
         try:
             return self._group.run(job, hooks)
+        except GroupError as exc:
+            raise self._failed(exc) from exc
+
+    def run_batch(self, jobs: list[DenoiseJob], hooks: list[StepHooks]) -> list:
+        try:
+            return self._group.run_batch(jobs, hooks)
         except GroupError as exc:
             raise self._failed(exc) from exc
 
@@ -103,7 +116,8 @@ class GroupEngine:
 
 
 def make_engine(args: argparse.Namespace, model: HostedModel):
-    """What runs denoise jobs: an object with `run(job: DenoiseJob, hooks: StepHooks) -> latents`."""
+    """What runs denoise jobs: an object with `run(job: DenoiseJob, hooks: StepHooks) -> latents` and
+    `run_batch(jobs, hooks) -> [latents or exception]` (`imagegen.common.batching`)."""
     if args.sp * (2 if args.cfg_parallel else 1) > 1 or launched_by_torchrun():
         with LOAD_LOCK:  # from_pretrained is not thread-safe (services/all_in_one loads stages in parallel)
             return GroupEngine(args, model)
@@ -166,12 +180,24 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
             self.store = RedisStore(self.args.redis_url, self.args.cache_ttl, self.args.redis_timeout, redis_password())
         self.info = model.info(("transformer", "scheduler"), reads_cache=self.store is not None)
         self.info.loras.extend(lora_info(name, self.loras.defaults(name)) for name in self.loras.names())
+        batching = self._batching()
         if isinstance(self.engine, GroupEngine):
             self.engine.on_failure = self._group_failed
             idle = (self.engine.heartbeat_s, self.engine.heartbeat)
-            self.queue = JobQueue(self.args.queue_size, "denoiser", idle=idle, finish=self.engine.finish)
+            self.queue = JobQueue(
+                self.args.queue_size, "denoiser", idle=idle, finish=self.engine.finish, batching=batching
+            )
         else:
-            self.queue = JobQueue(self.args.queue_size, "denoiser")
+            self.queue = JobQueue(self.args.queue_size, "denoiser", batching=batching)
+
+    def _batching(self) -> Batching | None:
+        """`--max-batch` (default by device) and `--batch-wait-ms`; None where jobs run one at a time."""
+        max_batch = getattr(self.args, "max_batch", None) or default_max_batch(self.model.device)
+        if max_batch <= 1:
+            return None
+        wait_ms = getattr(self.args, "batch_wait_ms", BATCH_WAIT_MS)
+        log.info("denoiser batches up to %d jobs, waiting at most %.1f ms for them", max_batch, wait_ms)
+        return Batching(max_batch, wait_ms / 1000, self._run_batch)
 
     def _group_failed(self, reason: str) -> None:
         """From the queue's thread: fail the waiting jobs at once and take the process down (exit status 1)."""
@@ -203,7 +229,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
         total = job.options.steps
         remaining = context.time_remaining()
         timeout = self.args.default_timeout if remaining is None else remaining
-        ticket = self.queue.submit(functools.partial(self._run, job), timeout)
+        ticket = self.queue.submit(functools.partial(self._run, job), timeout, payload=job, key=batch_key(job))
         try:
             async for event in ticket.events():
                 if not request.progress and not event.final:
@@ -221,6 +247,11 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
 
     def _run(self, job: DenoiseJob, hooks: StepHooks) -> bytes:
         return pack(self.engine.run(job, hooks), LATENTS)
+
+    def _run_batch(self, jobs: list[DenoiseJob], hooks: list[StepHooks]) -> list:
+        """Jobs of one batch key in one forward per step; each member's latents packed, or its exception."""
+        results = self.engine.run_batch(jobs, hooks)
+        return [r if isinstance(r, BaseException) else pack(r, LATENTS) for r in results]
 
     async def _job(self, request: denoiser_pb2.DenoiseRequest) -> DenoiseJob:
         """The request as a job, every part checked against the options, the limits and the loaded model."""

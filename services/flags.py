@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from imagegen.common.serving.config import (
     add_cache_flags,
@@ -13,6 +14,18 @@ from imagegen.common.serving.config import (
     non_negative_int,
     positive_int,
 )
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
+# Batching defaults. 8 on CUDA is provisional: the lead confirms it with bench/batching_gpu.py on the H200.
+CUDA_MAX_BATCH = 8
+BATCH_WAIT_MS = 10.0
 
 # service -> (default gRPC port, default metrics port)
 HTTP_PORT = 8000  # the OpenAI-compatible API's port where it is on by default (`serve all`, the chart)
@@ -71,6 +84,23 @@ def denoiser_flags(parser: argparse.ArgumentParser) -> None:
         16,
         "jobs that may wait; more answer RESOURCE_EXHAUSTED",
         type=positive_int,
+    )
+    add_flag(
+        parser,
+        "--max-batch",
+        "IMAGEGEN_MAX_BATCH",
+        None,
+        "queued jobs that may share one denoiser forward (same size, steps, CFG, adapters); default 1 on cpu, "
+        f"{CUDA_MAX_BATCH} on cuda",
+        type=positive_int,
+    )
+    add_flag(
+        parser,
+        "--batch-wait-ms",
+        "IMAGEGEN_BATCH_WAIT_MS",
+        BATCH_WAIT_MS,
+        "longest wait for compatible jobs to fill a batch (0: only those already queued)",
+        type=non_negative_float,
     )
     add_flag(
         parser,

@@ -25,10 +25,11 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
-from imagegen.common.attention import AttentionLayout, Heads
+from imagegen.common.attention import AttentionLayout, Heads, joint_by_length
+from imagegen.common.batching import check_batch, member_rows, row_lengths, stack_padded
 from imagegen.common.cfg import qwen_true_cfg
 from imagegen.common.checkpoint import ModelFolder
-from imagegen.common.denoise import DenoiseJob, DenoiseStage, StepHooks, run_denoise_loop
+from imagegen.common.denoise import DenoiseJob, DenoiseStage, StepHooks, run_batch_loop
 from imagegen.common.fused import linear_gelu_tanh
 from imagegen.common.graphs import maybe_graphed
 from imagegen.common.kernels import (
@@ -253,7 +254,7 @@ class QwenJointAttnProcessor:
             head_dim,
         )
         image, text = image.rotated(layout.sharded_rotary), text.rotated(layout.replicated_rotary)
-        image_out, text_out = layout.backend.joint(image, text, True)
+        image_out, text_out = joint_by_length(layout.backend, image, text, True, layout.replicated_lengths)
         dtype = image.q.dtype
         image_out = attn.to_out[0](image_out.flatten(2, 3).to(dtype).contiguous())
         text_out = attn.to_add_out(text_out.flatten(2, 3).to(dtype).contiguous())
@@ -321,7 +322,8 @@ class QwenDiT:
         modulate_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`hidden_states` `[B, S, 64]` packed tokens (noisy first, then edit images), `text` `[B, L, D]`,
-        `timestep` `[B]` already divided by 1000 -> prediction `[B, S, 64]` for every token."""
+        `timestep` `[1]` (shared by every row, broadcast) or `[B]`, already divided by 1000 -> prediction
+        `[B, S, 64]` for every token."""
         tr = self.transformer
         hidden = tr.img_in(hidden_states)
         timestep = timestep.to(hidden.dtype)
@@ -511,125 +513,175 @@ class QwenDenoiser(DenoiseStage):
     fast_class = QwenFastDiT
 
     @torch.no_grad()
-    def run(self, job: DenoiseJob, hooks: StepHooks | None = None, sharding: Sharding = LOCAL) -> torch.Tensor:
-        hooks = hooks or StepHooks()
+    def run_batch(
+        self, jobs: list[DenoiseJob], hooks: list[StepHooks], sharding: Sharding = LOCAL
+    ) -> list[torch.Tensor | BaseException]:
+        check_batch(jobs)
         if self.uses_fast_path(sharding):
-            return self._run_fast(job, hooks, sharding)
-        return self._run_reference(job, hooks, sharding)
+            return self._run_fast(jobs, hooks, sharding)
+        return self._run_reference(jobs, hooks, sharding)
 
-    def _run_reference(self, job: DenoiseJob, hooks: StepHooks, sharding: Sharding) -> torch.Tensor:
-        opts = job.options
-        noise = noise_for(opts.seed, opts.num_images, opts.width, opts.height, self.dtype)
+    def _noises(self, jobs: list[DenoiseJob]) -> list[torch.Tensor]:
+        return [noise_for(o.seed, o.num_images, o.width, o.height, self.dtype) for o in (j.options for j in jobs)]
+
+    def _run_reference(self, jobs: list[DenoiseJob], hooks: list[StepHooks], sharding: Sharding) -> list:
+        """Every member's rows of one branch in one forward (members in order, each its num_images rows)."""
+        first = jobs[0]
+        opts = first.options
+        noises = self._noises(jobs)
+        counts = [n.shape[0] for n in noises]
         schedule = schedule_for(self.scheduler_config, opts.steps, opts.width, opts.height).to(self.device)
-        batch = noise.shape[0]
-        img_shapes = [token_grid(opts.width, opts.height), *job.condition_shapes]
+        img_shapes = [token_grid(opts.width, opts.height), *first.condition_shapes]
         plan = sharding.plan(tuple(f * h * w for f, h, w in img_shapes))
         layout_rows = plan.local_index
         noisy_rows = plan.segment_rows(0).to(self.device)
         latent_lengths = [end - start for start, end in (plan.segment_range(0, r) for r in range(plan.world))]
 
         # The local DiT input is this rank's rows of [noise, edit images]; the noisy rows change every step.
-        sequence = (
-            noise
-            if job.condition_latents is None
-            else torch.cat([noise, job.condition_latents.to(noise.device, self.dtype).expand(batch, -1, -1)], dim=1)
-        )
-        local_input = plan.take_local(sequence).to(self.device)
+        def local_input(job: DenoiseJob, noise: torch.Tensor) -> torch.Tensor:
+            if job.condition_latents is None:
+                return plan.take_local(noise).to(self.device)
+            condition = job.condition_latents.to(noise.device, self.dtype).expand(noise.shape[0], -1, -1)
+            return plan.take_local(torch.cat([noise, condition], dim=1)).to(self.device)
+
+        inputs = [local_input(job, noise) for job, noise in zip(jobs, noises, strict=True)]
         start, end = plan.segment_range(0)
-        latents = noise[:, start:end].to(self.device)
+        latents = [noise[:, start:end].to(self.device) for noise in noises]
         modulate_index = None
         if self.dit.zero_cond_t:
             segment_of_row = torch.repeat_interleave(
                 torch.arange(len(img_shapes)), torch.tensor([plan.block(s) for s in range(len(img_shapes))])
             )
-            modulate_index = (segment_of_row > 0).int().to(self.device)[None].expand(batch, -1)
+            modulate_index = (segment_of_row > 0).int().to(self.device)[None]
 
         backend = sharding.attention(plan)
-        names = ["positive"] if job.negative_embeds is None else ["positive", "negative"]
-        embeds = {"positive": job.prompt_embeds, "negative": job.negative_embeds}
-        branches = {}
-        for name in sharding.branches(names):
-            text = embeds[name].to(self.device, self.dtype)[None].expand(batch, -1, -1)
-            image_rotary, text_rotary = qwen_rotary(self.dit.transformer, img_shapes, text.shape[1])
-            layout = AttentionLayout(
-                backend, image_rotary.index(layout_rows).to(self.device), text_rotary.to(self.device)
-            )
-            branches[name] = (text, layout)
+        names = ["positive"] if first.negative_embeds is None else ["positive", "negative"]
+        fields = {"positive": "prompt_embeds", "negative": "negative_embeds"}
 
-        def branch_forward(text: torch.Tensor, layout: AttentionLayout):
+        def branch_forward(text: torch.Tensor, layout: AttentionLayout, index: torch.Tensor | None):
             def forward(model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-                return self.dit(model_input, text, timestep, layout, modulate_index).index_select(1, noisy_rows)
+                return self.dit(model_input, text, timestep, layout, index).index_select(1, noisy_rows)
 
             return maybe_graphed(forward, self.device)
 
-        forwards = {name: branch_forward(text, layout) for name, (text, layout) in branches.items()}
+        def setup(active: tuple[int, ...]):
+            """The active members' stacked inputs and one forward per local branch."""
+            member_counts = [counts[m] for m in active]
+            rows = sum(member_counts)
+            index = None if modulate_index is None else modulate_index.expand(rows, -1)
+            forwards = {}
+            for name in sharding.branches(names):
+                embeds = [getattr(jobs[m], fields[name]) for m in active]
+                lengths = [e.shape[0] for e in embeds]
+                longest = max(lengths)
+                text = stack_padded([e.to(self.device, self.dtype) for e in embeds], member_counts, longest)
+                image_rotary, text_rotary = qwen_rotary(self.dit.transformer, img_shapes, longest)
+                layout = AttentionLayout(
+                    backend,
+                    image_rotary.index(layout_rows).to(self.device),
+                    text_rotary.to(self.device),
+                    replicated_lengths=row_lengths(lengths, member_counts),
+                )
+                forwards[name] = branch_forward(text, layout, index)
+            return torch.cat([inputs[m] for m in active]), forwards, member_rows(member_counts)
 
-        def predict(latents: torch.Tensor, step: int) -> torch.Tensor:
-            timestep = schedule.timesteps[step].expand(batch).to(latents.dtype) / 1000
-            model_input = local_input.index_copy(1, noisy_rows, latents)
+        setups: dict[tuple[int, ...], tuple] = {}
+
+        def predict(active: tuple[int, ...], latents: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+            if active not in setups:
+                setups.clear()  # a member left: the old stacking is never used again
+                setups[active] = setup(active)
+            stacked_input, forwards, bounds = setups[active]
+            batched = torch.cat(latents)
+            # One timestep row for all: the time embedding and every block's modulation are computed once and
+            # broadcast, so no row's arithmetic depends on how many rows share the forward.
+            timestep = schedule.timesteps[step : step + 1].to(batched.dtype) / 1000
+            model_input = stacked_input.index_copy(1, noisy_rows, batched)
             outputs = {name: forward(model_input, timestep) for name, forward in forwards.items()}
             outputs = sharding.exchange(outputs, names)
-            if hooks.on_model_output is not None:
-                for name, out in zip(names, outputs, strict=True):
-                    hooks.model_output(step, name, sharding.gather(out, latent_lengths))
-            if len(outputs) == 1:
-                return outputs[0]
-            return qwen_true_cfg(outputs[0], outputs[1], opts.guidance_scale)
+            velocities = []
+            for member, (lo, hi) in zip(active, bounds, strict=True):
+                mine = [out[lo:hi] for out in outputs]
+                if hooks[member].on_model_output is not None:
+                    for name, out in zip(names, mine, strict=True):
+                        hooks[member].model_output(step, name, sharding.gather(out, latent_lengths))
+                guidance = jobs[member].options.guidance_scale
+                velocities.append(mine[0] if len(mine) == 1 else qwen_true_cfg(mine[0], mine[1], guidance))
+            return velocities
 
-        latents = run_denoise_loop(predict, latents, schedule, hooks, sharding)
-        return sharding.gather(latents, latent_lengths)
+        results = run_batch_loop(predict, latents, schedule, hooks, sharding)
+        return [r if isinstance(r, BaseException) else sharding.gather(r, latent_lengths) for r in results]
 
-    def _run_fast(self, job: DenoiseJob, hooks: StepHooks, sharding: Sharding) -> torch.Tensor:
-        """Every local CFG branch in one batched forward (branch-major rows), replayed from `self.graphs`."""
-        opts = job.options
+    def _run_fast(self, jobs: list[DenoiseJob], hooks: list[StepHooks], sharding: Sharding) -> list:
+        """Every local CFG branch of every member in one batched forward (branch-major rows, members in order
+        within a branch), replayed from `self.graphs`."""
+        first = jobs[0]
+        opts = first.options
         device, dtype = self.device, self.dtype
-        noise = noise_for(opts.seed, opts.num_images, opts.width, opts.height, dtype)
+        noises = self._noises(jobs)
+        counts = [n.shape[0] for n in noises]
         schedule = schedule_for(self.scheduler_config, opts.steps, opts.width, opts.height).to(device)
-        img_shapes = [token_grid(opts.width, opts.height), *job.condition_shapes]
-        names = ["positive"] if job.negative_embeds is None else ["positive", "negative"]
+        img_shapes = [token_grid(opts.width, opts.height), *first.condition_shapes]
+        names = ["positive"] if first.negative_embeds is None else ["positive", "negative"]
         local = sharding.branches(names)
-        embeds = {"positive": job.prompt_embeds, "negative": job.negative_embeds}
-        images, rows = noise.shape[0], len(local) * noise.shape[0]
-        row_embeds = [embeds[name] for name in local for _ in range(images)]
-        lengths = tuple(e.shape[0] for e in row_embeds)
-        longest = max(lengths)
-        image_rotary, text_rotary = qwen_rotary(self.fast.transformer, img_shapes, longest)
+        fields = {"positive": "prompt_embeds", "negative": "negative_embeds"}
         segment_sizes = torch.tensor([f * h * w for f, h, w in img_shapes])
         segment_of_row = torch.repeat_interleave(torch.arange(len(img_shapes)), segment_sizes)
-        if job.condition_latents is None:
-            condition = torch.zeros(rows, 0, noise.shape[2], dtype=dtype, device=device)
-        else:
-            condition = job.condition_latents.to(device, dtype).expand(rows, -1, -1)
-        inputs = QwenFastInputs(
-            pad_rows([e.to(device, dtype) for e in row_embeds], longest),
-            condition,
-            *rotary_tables(image_rotary.freqs, device),
-            *rotary_tables(text_rotary.freqs, device),
-            (segment_of_row > 0).int().to(device),
-        )
         compile = self.compile_for(opts.steps * len(local))
-        key = ("qwen", lengths, compile)
         timesteps = schedule.timesteps.to(dtype) / 1000
         img_mods, txt_mods = self.fast.modulations(timesteps)
 
-        def forward(latents: torch.Tensor, timestep: torch.Tensor, img_mod, txt_mod, *tensors) -> torch.Tensor:
-            return self.fast(latents, timestep, img_mod, txt_mod, QwenFastInputs(*tensors), lengths, compile)
+        def setup(active: tuple[int, ...]):
+            member_counts = [counts[m] for m in active]
+            row_embeds = [getattr(jobs[m], fields[name]) for name in local for m in active for _ in range(counts[m])]
+            lengths = tuple(e.shape[0] for e in row_embeds)
+            longest = max(lengths)
+            image_rotary, text_rotary = qwen_rotary(self.fast.transformer, img_shapes, longest)
+            rows = len(row_embeds)
+            if first.condition_latents is None:
+                condition = torch.zeros(rows, 0, noises[0].shape[2], dtype=dtype, device=device)
+            elif len(active) == 1:
+                condition = jobs[active[0]].condition_latents.to(device, dtype).expand(rows, -1, -1)
+            else:
+                parts = [jobs[m].condition_latents.to(device, dtype).expand(counts[m], -1, -1) for m in active]
+                condition = torch.cat(parts * len(local))
+            inputs = QwenFastInputs(
+                pad_rows([e.to(device, dtype) for e in row_embeds], longest),
+                condition,
+                *rotary_tables(image_rotary.freqs, device),
+                *rotary_tables(text_rotary.freqs, device),
+                (segment_of_row > 0).int().to(device),
+            )
 
-        def predict(latents: torch.Tensor, step: int) -> torch.Tensor:
-            batched = latents.repeat(len(local), 1, 1)
+            def forward(latents: torch.Tensor, timestep: torch.Tensor, img_mod, txt_mod, *tensors) -> torch.Tensor:
+                return self.fast(latents, timestep, img_mod, txt_mod, QwenFastInputs(*tensors), lengths, compile)
+
+            return inputs, forward, ("qwen", lengths, compile), member_rows(member_counts)
+
+        setups: dict[tuple[int, ...], tuple] = {}
+
+        def predict(active: tuple[int, ...], latents: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+            if active not in setups:
+                setups.clear()
+                setups[active] = setup(active)
+            inputs, forward, key, bounds = setups[active]
+            batched = torch.cat(latents).repeat(len(local), 1, 1)
             step_args = (timesteps[step : step + 1], img_mods[step], txt_mods[step])
             out = self.graphs.run(key, forward, batched, *step_args, *inputs.tensors())
             outputs = sharding.exchange(dict(zip(local, out.chunk(len(local)), strict=True)), names)
-            for name, output in zip(names, outputs, strict=True):
-                hooks.model_output(step, name, output)
-            if len(outputs) == 1:
-                return outputs[0]
-            return qwen_true_cfg(outputs[0], outputs[1], opts.guidance_scale)
+            velocities = []
+            for member, (lo, hi) in zip(active, bounds, strict=True):
+                mine = [output[lo:hi] for output in outputs]
+                for name, output in zip(names, mine, strict=True):
+                    hooks[member].model_output(step, name, output)
+                guidance = jobs[member].options.guidance_scale
+                velocities.append(mine[0] if len(mine) == 1 else qwen_true_cfg(mine[0], mine[1], guidance))
+            return velocities
 
-        latents = run_denoise_loop(predict, noise.to(device), schedule, hooks, sharding)
+        results = run_batch_loop(predict, [n.to(device) for n in noises], schedule, hooks, sharding)
         if compile:
             self.compiled_forward_ran()
-        return latents
+        return results
 
 
 def warmup_jobs(family: str, width: int, height: int, config: dict) -> list[DenoiseJob]:

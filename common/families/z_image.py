@@ -24,10 +24,11 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF, RopeEmbedder
-from imagegen.common.attention import LOCAL_ATTENTION, AttentionBackend, AttentionLayout, Heads
+from imagegen.common.attention import LOCAL_ATTENTION, AttentionBackend, AttentionLayout, Heads, joint_by_length
+from imagegen.common.batching import check_batch, member_rows, row_lengths, stack_padded
 from imagegen.common.cfg import z_image_cfg
 from imagegen.common.checkpoint import ModelFolder
-from imagegen.common.denoise import DenoiseJob, DenoiseStage, StepHooks, run_denoise_loop
+from imagegen.common.denoise import DenoiseJob, DenoiseStage, StepHooks, run_batch_loop
 from imagegen.common.graphs import maybe_graphed
 from imagegen.common.kernels import (
     BlockStages,
@@ -141,7 +142,12 @@ class ZImageAttnProcessor:
         split = q.shape[1] - layout.num_replicated
         sharded = heads.rows(0, split).rotated(layout.sharded_rotary) if split > 0 else None
         replicated = heads.rows(split).rotated(layout.replicated_rotary) if layout.num_replicated else None
-        sharded_out, replicated_out = layout.backend.joint(sharded, replicated, False)
+        if sharded is not None and replicated is not None:
+            sharded_out, replicated_out = joint_by_length(
+                layout.backend, sharded, replicated, False, layout.replicated_lengths
+            )
+        else:
+            sharded_out, replicated_out = layout.backend.joint(sharded, replicated, False)
         out = torch.cat([o for o in (sharded_out, replicated_out) if o is not None], dim=1)
         return attn.to_out[0](out.flatten(2, 3).to(q.dtype))
 
@@ -203,9 +209,23 @@ class ImageSlots:
 class ZImageBranch:
     """One CFG branch's fixed inputs: its refined caption and the RoPE rows that depend on its length."""
 
-    caption_tokens: torch.Tensor  # [1, Lp, dim], identical on every rank
+    caption_tokens: torch.Tensor  # [1, Lp, dim], identical on every rank ([B, Lp, dim] for a batch)
     caption_rotary: Rotary  # [Lp] rows
-    image_rotary: Rotary  # this rank's image rows
+    image_rotary: Rotary  # this rank's image rows ([B, n] rows when a batch's captions differ in length)
+    caption_lengths: tuple[int, ...] | None = None  # a batch's real padded caption length per row (None: all)
+
+
+def stack_branches(branches: list[ZImageBranch], counts: list[int]) -> ZImageBranch:
+    """Several members' branches as one batch: member i's `counts[i]` rows, captions zero-padded to the
+    longest (attention skips the padding per row), image RoPE per row (it depends on the caption length)."""
+    if len(branches) == 1:
+        return branches[0]
+    lengths = [b.caption_tokens.shape[1] for b in branches]
+    longest = max(lengths)
+    captions = stack_padded([b.caption_tokens[0] for b in branches], counts, longest)
+    caption_rotary = max((b.caption_rotary for b in branches), key=len)  # the others are its prefixes
+    image = torch.cat([b.image_rotary.freqs[None].expand(n, -1, -1) for b, n in zip(branches, counts, strict=True)])
+    return ZImageBranch(captions, caption_rotary, Rotary(image), row_lengths(lengths, counts))
 
 
 class ZImageDiT:
@@ -252,8 +272,9 @@ class ZImageDiT:
         slots: ImageSlots,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        """`tokens` `[B, n, 64]` this rank's latent tokens in the model dtype, `timestep` `[B]` =
-        (1000 - t) / 1000 in float32 -> model output for those tokens `[B, n, 64]` (not yet negated)."""
+        """`tokens` `[B, n, 64]` this rank's latent tokens in the model dtype, `timestep` `[1]` (broadcast to
+        every row) or `[B]` = (1000 - t) / 1000 in float32 -> model output for those tokens `[B, n, 64]` (not
+        yet negated)."""
         tr = self.transformer
         batch = tokens.shape[0]
         adaln = tr.t_embedder(timestep * tr.t_scale).type_as(tokens)
@@ -269,7 +290,9 @@ class ZImageDiT:
             image = layer(image, None, refine, adaln)
 
         unified = torch.cat([image, caption], dim=1)
-        joint = AttentionLayout(backend, branch.image_rotary, branch.caption_rotary, caption.shape[1])
+        joint = AttentionLayout(
+            backend, branch.image_rotary, branch.caption_rotary, caption.shape[1], branch.caption_lengths
+        )
         for layer in tr.layers:
             unified = layer(unified, None, joint, adaln)
         out = tr.all_final_layer[PATCH_KEY](unified, c=adaln)
@@ -396,33 +419,55 @@ class ZImageDenoiser(DenoiseStage):
     fast_class = ZImageFastDiT
 
     @torch.no_grad()
-    def run(self, job: DenoiseJob, hooks: StepHooks | None = None, sharding: Sharding = LOCAL) -> torch.Tensor:
-        hooks = hooks or StepHooks()
+    def run_batch(
+        self, jobs: list[DenoiseJob], hooks: list[StepHooks], sharding: Sharding = LOCAL
+    ) -> list[torch.Tensor | BaseException]:
+        check_batch(jobs)
         if self.uses_fast_path(sharding):
-            return self._run_fast(job, hooks, sharding)
-        return self._run_reference(job, hooks, sharding)
+            return self._run_fast(jobs, hooks, sharding)
+        return self._run_reference(jobs, hooks, sharding)
 
-    def _run_reference(self, job: DenoiseJob, hooks: StepHooks, sharding: Sharding) -> torch.Tensor:
-        opts = job.options
-        noise = noise_for(opts.seed, opts.num_images, opts.width, opts.height)
-        height, width = noise.shape[2:]
-        rows, cols = height // 2, width // 2
+    def _members(self, jobs: list[DenoiseJob]):
+        """Per member: its noise and CFG scale per step; shared: the schedule and the latent grid."""
+        opts = jobs[0].options
+        noises = [noise_for(j.options.seed, j.options.num_images, opts.width, opts.height) for j in jobs]
         cpu_schedule = schedule_for(self.scheduler_config, opts.steps, opts.width, opts.height)
-        scales = guidance_per_step(cpu_schedule, opts.guidance_scale, opts.cfg_truncation) if opts.uses_cfg else None
-        schedule = cpu_schedule.to(self.device)
-        batch = noise.shape[0]
+        scales = [
+            guidance_per_step(cpu_schedule, j.options.guidance_scale, j.options.cfg_truncation)
+            if opts.uses_cfg
+            else None
+            for j in jobs
+        ]
+        return noises, scales, cpu_schedule.to(self.device)
+
+    def _branches(self, jobs, sharding, rows, cols, slots) -> tuple[list[str], list[dict[str, ZImageBranch]]]:
+        """Each member's refined captions: the local CFG branches, and the positive one on every rank (steps
+        that truncation leaves to it run it everywhere)."""
+        all_names = ["positive", "negative"] if jobs[0].options.uses_cfg else ["positive"]
+        fields = {"positive": "prompt_embeds", "negative": "negative_embeds"}
+        wanted = {*sharding.branches(all_names), "positive"}
+        branches = [
+            {
+                name: self.dit.branch(getattr(j, fields[name]).to(self.device, self.dtype), rows, cols, slots)
+                for name in wanted
+            }
+            for j in jobs
+        ]
+        return all_names, branches
+
+    def _run_reference(self, jobs: list[DenoiseJob], hooks: list[StepHooks], sharding: Sharding) -> list:
+        noises, scales, schedule = self._members(jobs)
+        counts = [n.shape[0] for n in noises]
+        height, width = noises[0].shape[2:]
+        rows, cols = height // 2, width // 2
         slots = ImageSlots(sharding.plan((padded_length(rows * cols),)), rows * cols, self.device)
         backend = sharding.attention(slots.plan)
         start = slots.plan.segment_range(0)[0]
-        latents = patchify(noise, channel_last=True)[:, start : start + slots.local_latent].to(self.device)
+        latents = [
+            patchify(n, channel_last=True)[:, start : start + slots.local_latent].to(self.device) for n in noises
+        ]
         lengths = slots.latent_lengths()
-
-        all_names = ["positive", "negative"] if opts.uses_cfg else ["positive"]
-        captions = {"positive": job.prompt_embeds, "negative": job.negative_embeds}
-        branches = {
-            name: self.dit.branch(captions[name].to(self.device, self.dtype), rows, cols, slots)
-            for name in {*sharding.branches(all_names), "positive"}
-        }
+        all_names, branches = self._branches(jobs, sharding, rows, cols, slots)
 
         def gather_tokens(tokens: torch.Tensor) -> torch.Tensor:
             return sharding.gather(tokens, lengths)
@@ -436,52 +481,67 @@ class ZImageDenoiser(DenoiseStage):
 
             return maybe_graphed(forward, self.device)
 
-        forwards = {name: branch_forward(branch) for name, branch in branches.items()}
+        forwards: dict[tuple, object] = {}
 
-        def predict(latents: torch.Tensor, step: int) -> torch.Tensor:
-            timestep = (1000 - schedule.timesteps[step].expand(batch)) / 1000
-            model_input = latents.to(self.dtype)
-            names = all_names if scales is not None and scales[step] > 0 else ["positive"]
-            outputs = {name: forwards[name](model_input, timestep) for name in sharding.branches(names)}
+        def forward_for(active: tuple[int, ...], name: str):
+            if forwards and next(iter(forwards))[0] != active:
+                forwards.clear()  # a member left: the old stacking is never used again
+            if (active, name) not in forwards:
+                member_counts = [counts[m] for m in active]
+                forwards[(active, name)] = branch_forward(
+                    stack_branches([branches[m][name] for m in active], member_counts)
+                )
+            return forwards[(active, name)]
+
+        def predict(active: tuple[int, ...], latents: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+            model_input = torch.cat(latents).to(self.dtype)
+            # One timestep row for all (broadcast): no row's arithmetic depends on the batch size.
+            timestep = (1000 - schedule.timesteps[step : step + 1]) / 1000
+            names = self._names(all_names, scales[active[0]], step)  # one batch key: the same for every member
+            outputs = {name: forward_for(active, name)(model_input, timestep) for name in sharding.branches(names)}
             outputs = sharding.exchange(outputs, names)
-            if hooks.on_model_output is not None:
-                for name, out in zip(names, outputs, strict=True):
-                    hooks.model_output(step, name, full(out))
-            if len(outputs) == 1:
-                return -outputs[0].float()
-            pos, neg = (out.float() for out in outputs)
-            return -z_image_cfg(pos, neg, scales[step], opts.cfg_normalization, gather_tokens)
+            velocities = []
+            for member, (lo, hi) in zip(active, member_rows([counts[m] for m in active]), strict=True):
+                mine = [out[lo:hi] for out in outputs]
+                if hooks[member].on_model_output is not None:
+                    for name, out in zip(names, mine, strict=True):
+                        hooks[member].model_output(step, name, full(out))
+                velocities.append(self._velocity(jobs[member], mine, scales[member], step, gather_tokens))
+            return velocities
 
-        latents = run_denoise_loop(predict, latents, schedule, hooks, sharding)
-        return full(latents)
+        results = run_batch_loop(predict, latents, schedule, hooks, sharding)
+        return [r if isinstance(r, BaseException) else full(r) for r in results]
 
-    def _run_fast(self, job: DenoiseJob, hooks: StepHooks, sharding: Sharding) -> torch.Tensor:
-        """The local CFG branches of each step in one batched forward, replayed from `self.graphs` (steps that
-        `cfg_truncation` leaves to the positive branch alone run a forward of their own shape)."""
-        opts = job.options
+    @staticmethod
+    def _velocity(job: DenoiseJob, outputs: list[torch.Tensor], scales, step: int, gather_tokens=None) -> torch.Tensor:
+        """The Euler step's velocity from one member's branch outputs: its own CFG scale and norm clip."""
+        if len(outputs) == 1:
+            return -outputs[0].float()
+        pos, neg = (out.float() for out in outputs)
+        if gather_tokens is None:
+            return -z_image_cfg(pos, neg, scales[step], job.options.cfg_normalization)
+        return -z_image_cfg(pos, neg, scales[step], job.options.cfg_normalization, gather_tokens)
+
+    def _run_fast(self, jobs: list[DenoiseJob], hooks: list[StepHooks], sharding: Sharding) -> list:
+        """The local CFG branches of every member at each step in one batched forward (branch-major rows,
+        members in order within a branch), replayed from `self.graphs` (steps that `cfg_truncation` leaves to
+        the positive branch alone run a forward of their own shape)."""
+        opts = jobs[0].options
         device, dtype = self.device, self.dtype
-        noise = noise_for(opts.seed, opts.num_images, opts.width, opts.height)
-        height, width = noise.shape[2:]
+        noises, scales, schedule = self._members(jobs)
+        counts = [n.shape[0] for n in noises]
+        height, width = noises[0].shape[2:]
         rows, cols = height // 2, width // 2
-        cpu_schedule = schedule_for(self.scheduler_config, opts.steps, opts.width, opts.height)
-        scales = guidance_per_step(cpu_schedule, opts.guidance_scale, opts.cfg_truncation) if opts.uses_cfg else None
-        schedule = cpu_schedule.to(device)
-        images = noise.shape[0]
         slots = ImageSlots(sharding.plan((padded_length(rows * cols),)), rows * cols, device)
-        all_names = ["positive", "negative"] if opts.uses_cfg else ["positive"]
-        captions = {"positive": job.prompt_embeds, "negative": job.negative_embeds}
-        branches = {
-            name: self.dit.branch(captions[name].to(device, dtype), rows, cols, slots)
-            for name in {*sharding.branches(all_names), "positive"}
-        }
+        all_names, branches = self._branches(jobs, sharding, rows, cols, slots)
         compile = self.compile_for(
-            sum(len(sharding.branches(self._names(all_names, scales, s))) for s in range(opts.steps))
+            sum(len(sharding.branches(self._names(all_names, scales[0], s))) for s in range(opts.steps))
         )
-        batches: dict[tuple[str, ...], tuple[ZImageFastInputs, tuple[int, ...]]] = {}
+        batches: dict[tuple, tuple[ZImageFastInputs, tuple[int, ...]]] = {}
 
-        def batch_inputs(local: tuple[str, ...]) -> tuple[ZImageFastInputs, tuple[int, ...]]:
-            if local not in batches:
-                row_branches = [branches[name] for name in local for _ in range(images)]
+        def batch_inputs(active: tuple[int, ...], local: tuple[str, ...]) -> tuple[ZImageFastInputs, tuple[int, ...]]:
+            if (active, local) not in batches:
+                row_branches = [branches[m][name] for name in local for m in active for _ in range(counts[m])]
                 lengths = tuple(b.caption_tokens.shape[1] for b in row_branches)
                 longest = max(lengths)
                 caption_rotary = max((b.caption_rotary for b in row_branches), key=len)  # a prefix of the longest
@@ -498,8 +558,8 @@ class ZImageDenoiser(DenoiseStage):
                     torch.cat([image_sin, cap_sin.expand(batch, -1, -1)], dim=1),
                     slots.register_rows,
                 )
-                batches[local] = (inputs, lengths)
-            return batches[local]
+                batches[(active, local)] = (inputs, lengths)
+            return batches[(active, local)]
 
         def forward(lengths: tuple[int, ...]):
             def run(tokens: torch.Tensor, timestep: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
@@ -507,26 +567,27 @@ class ZImageDenoiser(DenoiseStage):
 
             return run
 
-        def predict(latents: torch.Tensor, step: int) -> torch.Tensor:
+        def predict(active: tuple[int, ...], latents: list[torch.Tensor], step: int) -> list[torch.Tensor]:
             timestep = (1000 - schedule.timesteps[step : step + 1]) / 1000
-            names = self._names(all_names, scales, step)
+            names = self._names(all_names, scales[active[0]], step)
             local = tuple(sharding.branches(names))
-            inputs, lengths = batch_inputs(local)
-            batched = latents.to(dtype).repeat(len(local), 1, 1)
+            inputs, lengths = batch_inputs(active, local)
+            batched = torch.cat(latents).to(dtype).repeat(len(local), 1, 1)
             out = self.graphs.run(("z-image", lengths, compile), forward(lengths), batched, timestep, *inputs.tensors())
             outputs = sharding.exchange(dict(zip(local, out.chunk(len(local)), strict=True)), names)
-            for name, output in zip(names, outputs, strict=True):
-                hooks.model_output(step, name, unpatchify(output, height, width, channel_last=True))
-            if len(outputs) == 1:
-                return -outputs[0].float()
-            pos, neg = (out.float() for out in outputs)
-            return -z_image_cfg(pos, neg, scales[step], opts.cfg_normalization)
+            velocities = []
+            for member, (lo, hi) in zip(active, member_rows([counts[m] for m in active]), strict=True):
+                mine = [output[lo:hi] for output in outputs]
+                for name, output in zip(names, mine, strict=True):
+                    hooks[member].model_output(step, name, unpatchify(output, height, width, channel_last=True))
+                velocities.append(self._velocity(jobs[member], mine, scales[member], step))
+            return velocities
 
-        latents = patchify(noise, channel_last=True).to(device)
-        latents = run_denoise_loop(predict, latents, schedule, hooks, sharding)
+        latents = [patchify(n, channel_last=True).to(device) for n in noises]
+        results = run_batch_loop(predict, latents, schedule, hooks, sharding)
         if compile:
             self.compiled_forward_ran()
-        return unpatchify(latents, height, width, channel_last=True)
+        return [r if isinstance(r, BaseException) else unpatchify(r, height, width, channel_last=True) for r in results]
 
     @staticmethod
     def _names(all_names: list[str], scales: list[float] | None, step: int) -> list[str]:

@@ -19,9 +19,10 @@ import time
 from collections.abc import Callable
 
 import torch
-from imagegen.common.denoise import DenoiseJob, StepHooks, decode_job, encode_job
+from imagegen.common.denoise import DenoiseJob, StepHooks, decode_batch, encode_batch, raise_or_return
 from imagegen.common.errors import Cancelled
 from imagegen.common.parallel.group import GroupError, ParallelGroup
+from imagegen.common.parallel.layout import check_request_fits
 from imagegen.common.parallel.sharding import GroupSharding
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,18 @@ class GroupDenoiser:
         self._failure_hint = failure_hint
 
     def run(self, job: DenoiseJob, hooks: StepHooks | None = None) -> torch.Tensor:
-        hooks = hooks or StepHooks()
-        capture = "1" if hooks.on_model_output is not None else "0"
+        return raise_or_return(self.run_batch([job], [hooks or StepHooks()])[0])
 
-        def work() -> torch.Tensor:
-            self.group.broadcast_bytes(encode_job(job, capture=capture))
-            return self.denoiser.run(job, hooks, self.sharding)
+    def run_batch(self, jobs: list[DenoiseJob], hooks: list[StepHooks]) -> list[torch.Tensor | BaseException]:
+        """A batch (`imagegen.common.batching`): every rank runs the same members, and each member's stop
+        decision is rank 0's (`imagegen.common.denoise.run_batch_loop`)."""
+        for job in jobs:
+            check_request_fits(job.options.width, job.options.height, self.group.sp)  # before the broadcast
+        flags = [{"capture": "1" if h.on_model_output is not None else "0"} for h in hooks]
+
+        def work() -> list[torch.Tensor | BaseException]:
+            self.group.broadcast_bytes(encode_batch(jobs, flags))
+            return self.denoiser.run_batch(jobs, hooks, self.sharding)
 
         return self._guarded(work)
 
@@ -91,15 +98,12 @@ def follow_leader(group: ParallelGroup, denoiser) -> None:
             return
         if blob == HEARTBEAT:
             continue
-        job, flags = decode_job(blob)
-        hooks = StepHooks(
-            on_model_output=_ignore if flags.get("capture") == "1" else None,
-            on_step=_fault_injector(group.rank),
-        )
-        try:
-            denoiser.run(job, hooks, sharding)
-        except Cancelled:
-            continue
+        jobs, flags = decode_batch(blob)
+        hooks = [
+            StepHooks(on_model_output=_ignore if f.get("capture") == "1" else None, on_step=_fault_injector(group.rank))
+            for f in flags
+        ]
+        denoiser.run_batch(jobs, hooks, sharding)  # members that stop come back as Cancelled, not raised
 
 
 def _ignore(*_args) -> None:

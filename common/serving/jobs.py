@@ -1,8 +1,15 @@
-"""A bounded FIFO of jobs run one at a time on a worker thread (the denoiser's queue).
+"""A bounded FIFO of jobs run on a worker thread (the denoiser's queue), one at a time or in batches.
 
 The asyncio side submits work and reads events (queue position, each step, result); the worker thread runs the
 work with `StepHooks` whose `should_stop` turns true when the RPC is cancelled or its deadline passes, so the
 loop stops before its next step and the worker takes the next job.
+
+With `Batching`, the worker takes the oldest job and, from the rest of the queue in order, up to
+`max_size - 1` later jobs with the same batch key, waiting at most `wait_s` for more to arrive (never longer; 0
+takes only what is queued). Each member keeps its own hooks (progress, cancellation, deadline). No job starves:
+every batch starts with the oldest waiting job, so a job that is incompatible with the batches before it is
+the head of a batch once the jobs older than it have started (compatible later jobs only ever join a batch
+that an older job heads).
 
 Everything a denoiser group's rank 0 sends its peers goes out on this one thread: the jobs, a heartbeat while
 idle (`idle`), and the final stop (`finish`), so two collectives never race on the control group.
@@ -15,7 +22,7 @@ import contextvars
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +34,15 @@ from imagegen.common.serving.handlers import QueueFull
 from imagegen.common.serving.status import RpcFailure
 
 Work = Callable[[StepHooks], Any]
+# (the members' payloads, their hooks) -> one result or exception per member, in order.
+BatchWork = Callable[[list[Any], list[StepHooks]], list[Any]]
+
+
+@dataclass(frozen=True)
+class Batching:
+    max_size: int
+    wait_s: float
+    run: BatchWork
 
 
 @dataclass(frozen=True)
@@ -46,9 +62,18 @@ class Event:
 class Ticket:
     """One submitted job: its work, deadline, cancellation flag and event stream."""
 
-    def __init__(self, work: Work, deadline: float | None, loop: asyncio.AbstractEventLoop) -> None:
-        context = contextvars.copy_context()  # the worker logs with the submitting RPC's request id
+    def __init__(
+        self,
+        work: Work,
+        deadline: float | None,
+        loop: asyncio.AbstractEventLoop,
+        payload: Any = None,
+        key: Hashable | None = None,
+    ) -> None:
+        context = self.context = contextvars.copy_context()  # the worker logs with the submitting RPC's id
         self.work: Work = lambda hooks: context.run(work, hooks)
+        self.payload = payload  # what `Batching.run` receives for this job
+        self.key = key  # jobs with equal keys may share a batch (None: never batched)
         self.deadline = deadline
         self.submitted = time.monotonic()
         self._loop = loop
@@ -90,22 +115,27 @@ class JobQueue:
         name: str = "jobs",
         idle: tuple[float, Callable[[], None]] | None = None,
         finish: Callable[[], None] | None = None,
+        batching: Batching | None = None,
     ) -> None:
         self.capacity = capacity
+        self._batching = batching
         self._idle = idle
         self._finish = finish
         self._pending: deque[Ticket] = deque()
-        self._running: Ticket | None = None
+        self._running: list[Ticket] = []
         self._closed = False
         self._cond = threading.Condition()
         metrics.QUEUE_CAPACITY.set(capacity)
         self._thread = threading.Thread(target=self._work_loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, work: Work, timeout: float | None = None) -> Ticket:
-        """Queue `work` (call from the event loop); raises `QueueFull` when `capacity` jobs already wait."""
+    def submit(
+        self, work: Work, timeout: float | None = None, payload: Any = None, key: Hashable | None = None
+    ) -> Ticket:
+        """Queue `work` (call from the event loop); raises `QueueFull` when `capacity` jobs already wait.
+        `payload` and `key` let it share a batch (`Batching`) with other jobs of the same key."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        ticket = Ticket(work, deadline, asyncio.get_running_loop())
+        ticket = Ticket(work, deadline, asyncio.get_running_loop(), payload, key)
         with self._cond:
             if self._closed:
                 raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "shutting down")
@@ -143,7 +173,7 @@ class JobQueue:
 
     def _announce(self) -> None:
         """Tell each waiting job how many are ahead of it (a job about to start right away hears nothing)."""
-        ahead = 1 if self._running is not None else 0
+        ahead = len(self._running)
         for index, ticket in enumerate(self._pending):
             if ahead + index:
                 ticket.post(Event("queued", position=ahead + index))
@@ -151,47 +181,98 @@ class JobQueue:
 
     def _work_loop(self) -> None:
         try:
-            while (ticket := self._next()) is not None:
-                self._serve(ticket)
+            while (batch := self._next()) is not None:
+                self._serve(batch)
         finally:
             if self._finish is not None:
                 self._finish()
 
-    def _next(self) -> Ticket | None:
-        """The next job (None once closed and empty), running the idle callback while there is none."""
+    def _next(self) -> list[Ticket] | None:
+        """The next job and its batch mates (None once closed and empty), running the idle callback while there
+        is none."""
         while True:
             with self._cond:
                 if not self._pending and not self._closed:
                     self._cond.wait(self._idle[0] if self._idle else None)
                 if self._pending:
-                    ticket = self._running = self._pending.popleft()
+                    self._running = [self._pending.popleft()]
                     self._announce()
-                    return ticket
+                    self._fill(self._running)
+                    return self._running
                 if self._closed:
                     return None
             if self._idle is not None:
                 self._idle[1]()
 
-    def _serve(self, ticket: Ticket) -> None:
-        final = self._run(ticket)
+    def _fill(self, batch: list[Ticket]) -> None:
+        """Move compatible pending jobs (in queue order) into `batch`, waiting up to `wait_s` for more; called
+        with the lock held (`wait` releases it, so submissions and withdrawals go on meanwhile)."""
+        policy, head = self._batching, batch[0]
+        if policy is None or policy.max_size == 1 or head.key is None:
+            return
+        start = time.monotonic()
+        deadline = start + policy.wait_s
+        while True:
+            for ticket in [t for t in self._pending if t.key == head.key][: policy.max_size - len(batch)]:
+                self._pending.remove(ticket)
+                batch.append(ticket)
+            self._announce()
+            remaining = deadline - time.monotonic()
+            if len(batch) >= policy.max_size or self._closed or remaining <= 0:
+                break
+            self._cond.wait(remaining)
+        metrics.BATCH_WAIT_SECONDS.observe(time.monotonic() - start)
+        metrics.BATCH_SIZE.observe(len(batch))
+
+    def _serve(self, batch: list[Ticket]) -> None:
+        finals = [self._run(batch[0])] if len(batch) == 1 else self._run_batch(batch)
         with self._cond:
-            self._running = None  # before the caller hears the outcome: its next job must not look queued
-        self._record(ticket, final)
-        ticket.post(final)
+            self._running = []  # before the callers hear the outcome: their next jobs must not look queued
+        for ticket, final in zip(batch, finals, strict=True):
+            self._record(ticket, final)
+            ticket.post(final)
+
+    def _run_batch(self, batch: list[Ticket]) -> list[Event]:
+        """One `Batching.run` for the members still wanted; each gets its own outcome."""
+        finals: dict[int, Event] = {}
+        live = []
+        for index, ticket in enumerate(batch):
+            metrics.STAGE_SECONDS.labels("queue_wait").observe(time.monotonic() - ticket.submitted)
+            if ticket.should_stop():
+                finals[index] = Event("failed", error=Cancelled("cancelled or past its deadline before it started"))
+            else:
+                ticket.post(Event("started"))
+                live.append(index)
+        hooks = [StepHooks(on_step=self._progress(batch[i]), should_stop=batch[i].should_stop) for i in live]
+        start = time.monotonic()
+        try:
+            # The head's context: the batch logs under the oldest member's request id.
+            results = batch[0].context.run(self._batching.run, [batch[i].payload for i in live], hooks) if live else []
+        except BaseException as exc:  # the worker must survive any batch; every member hears the error
+            results = [exc] * len(live)
+        if live:
+            metrics.STAGE_SECONDS.labels("denoise").observe(time.monotonic() - start)
+        for index, result in zip(live, results, strict=True):
+            failed = isinstance(result, BaseException)
+            finals[index] = Event("failed", error=result) if failed else Event("done", result=result)
+        return [finals[i] for i in range(len(batch))]
+
+    @staticmethod
+    def _progress(ticket: Ticket) -> Callable[[int, int], None]:
+        def on_step(done: int, total: int) -> None:
+            metrics.DENOISE_STEPS.inc()
+            ticket.post(Event("step", step=done, total=total))
+
+        return on_step
 
     def _run(self, ticket: Ticket) -> Event:
         metrics.STAGE_SECONDS.labels("queue_wait").observe(time.monotonic() - ticket.submitted)
         if ticket.should_stop():
             return Event("failed", error=Cancelled("cancelled or past its deadline before it started"))
         ticket.post(Event("started"))
-
-        def on_step(done: int, total: int) -> None:
-            metrics.DENOISE_STEPS.inc()
-            ticket.post(Event("step", step=done, total=total))
-
         start = time.monotonic()
         try:
-            result = ticket.work(StepHooks(on_step=on_step, should_stop=ticket.should_stop))
+            result = ticket.work(StepHooks(on_step=self._progress(ticket), should_stop=ticket.should_stop))
         except BaseException as exc:  # the worker must survive any job
             return Event("failed", error=exc)
         metrics.STAGE_SECONDS.labels("denoise").observe(time.monotonic() - start)

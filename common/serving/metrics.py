@@ -21,6 +21,16 @@ QUEUE_DEPTH = Gauge("imagegen_queue_depth", "Jobs waiting in the denoiser queue 
 QUEUE_CAPACITY = Gauge("imagegen_queue_capacity", "Jobs the denoiser queue holds before RESOURCE_EXHAUSTED")
 JOBS = Counter("imagegen_denoise_jobs", "Denoise jobs by outcome: ok, cancelled, deadline, error", ["outcome"])
 DENOISE_STEPS = Counter("imagegen_denoise_steps", "Denoising steps run")
+BATCH_SIZE = Histogram(
+    "imagegen_denoise_batch_size",
+    "Jobs per denoiser batch (with --max-batch > 1)",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+)
+BATCH_WAIT_SECONDS = Histogram(
+    "imagegen_denoise_batch_wait_seconds",
+    "Time the denoiser waited for compatible jobs to fill a batch (at most --batch-wait-ms)",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
 CACHE_LOOKUPS = Counter(
     "imagegen_cache_lookups", "Embedding cache lookups: hit, miss, error", ["service", "store", "result"]
 )

@@ -1,0 +1,160 @@
+"""Batching: compatible requests share one denoiser forward per step, and each image is the one it gets alone.
+
+Exactness on the CPU in float32 (the contract of issue 10): every member of a batch (different prompt lengths,
+seeds, guidance scales and num_images, CFG on) equals its own unbatched run to max |diff| <= 1e-6, on the
+reference and the fast kernel path, in one process and under `--sp 2`; a batch of one is the unbatched path; a
+member that is cancelled mid-batch stops alone and the others still equal their runs alone. Every comparison is
+against runs made in this session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from imagegen.common.batching import batch_key
+from imagegen.common.denoise import DenoiseJob, StepHooks
+from imagegen.common.errors import Cancelled
+from imagegen.common.options import RequestOptions
+from imagegen.common.parallel.launch import local_group
+from imagegen.common.pipeline import Pipeline
+from imagegen.common.tiny import tiny_checkpoint_cached
+
+from tests.parity import LONG_NEGATIVE, THREADS, max_diff
+
+TOLERANCE = 1e-6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pinned_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(previous)
+
+
+# Members of one batch per family: prompts and negatives of different token lengths (Z-Image's pad to
+# different multiples of 32), other seeds, guidance scales and num_images. Every text is >= 12 tokens: below 12
+# rows MKL's sgemm switches summation order with the row count (a property of the BLAS, as in test_parallel).
+FOX = "a red fox jumping over a frozen river at dawn, soft light"
+LIGHTHOUSE = "a lighthouse on a cliff above a stormy sea at night, oil painting with heavy brush strokes"
+NEGATIVE = "blurry, low quality, jpeg artifacts, watermark"
+QWEN = [
+    RequestOptions(FOX, negative_prompt=NEGATIVE, guidance_scale=4.0, seed=1),
+    RequestOptions(LIGHTHOUSE, negative_prompt=LONG_NEGATIVE, guidance_scale=2.5, seed=2, num_images=2),
+    RequestOptions(FOX + ", wide angle", negative_prompt=NEGATIVE + ", noisy, grainy", guidance_scale=6.0, seed=3),
+]
+Z_IMAGE = [
+    RequestOptions(FOX, negative_prompt=LONG_NEGATIVE, guidance_scale=5.0, cfg_normalization=1.0, seed=4),
+    RequestOptions(LIGHTHOUSE, negative_prompt=NEGATIVE, guidance_scale=3.0, seed=5, num_images=2),
+    RequestOptions(LIGHTHOUSE + " " + LONG_NEGATIVE, negative_prompt=NEGATIVE, guidance_scale=7.0, seed=6),
+]
+SIZES = {"qwen-image": (64, 64), "z-image": (64, 48)}
+MEMBERS = {"qwen-image": QWEN, "z-image": Z_IMAGE}
+
+_pipelines: dict[tuple[str, str], Pipeline] = {}
+_jobs: dict[tuple, list[DenoiseJob]] = {}
+
+
+def pipeline(family: str, kernels: str = "reference") -> Pipeline:
+    if (family, kernels) not in _pipelines:
+        _pipelines[(family, kernels)] = Pipeline(tiny_checkpoint_cached(family), kernels=kernels)
+    return _pipelines[(family, kernels)]
+
+
+def jobs(family: str, size: tuple[int, int] | None = None, steps: int = 3) -> list[DenoiseJob]:
+    """The family's batch members, encoded once per session and size."""
+    width, height = size or SIZES[family]
+    if (family, width, height) not in _jobs:
+        pipe = pipeline(family)
+        _jobs[(family, width, height)] = [
+            pipe.job(pipe.resolve(dataclasses.replace(o, width=width, height=height, steps=steps)))
+            for o in MEMBERS[family]
+        ]
+    return _jobs[(family, width, height)]
+
+
+def image(family: str, job: DenoiseJob, latents: torch.Tensor) -> np.ndarray:
+    """The decoded images `[K, H, W, 3]` in [0, 1]: the contract is on what the caller receives."""
+    return pipeline(family).decode(latents, job)
+
+
+@pytest.mark.parametrize("kernels", ["reference", "fast"])
+@pytest.mark.parametrize("family", ["qwen-image", "z-image"])
+def test_batch_members_equal_their_runs_alone(family: str, kernels: str) -> None:
+    members = jobs(family)
+    assert len({batch_key(j) for j in members}) == 1
+    assert len({j.prompt_embeds.shape[0] for j in members}) == len(members)  # really different lengths
+    denoiser = pipeline(family, kernels).denoiser
+    batched = denoiser.run_batch(members, [StepHooks() for _ in members])
+    for index, (job, result) in enumerate(zip(members, batched, strict=True)):
+        single = denoiser.run(job, StepHooks())
+        assert result.shape == single.shape
+        diff = max_diff(image(family, job, result), image(family, job, single))
+        assert diff <= TOLERANCE, f"{family} {kernels} member {index}: max |diff| {diff:.3g}"
+
+
+def stop_after(steps: int) -> StepHooks:
+    """Hooks of a caller that cancels once `steps` steps are done (checked before the next one)."""
+    done = []
+    return StepHooks(on_step=lambda step, total: done.append(step), should_stop=lambda: len(done) >= steps)
+
+
+def assert_members_exact(family: str, members, results, singles, cancelled: int | None = None) -> None:
+    for index, (job, result, single) in enumerate(zip(members, results, singles, strict=True)):
+        if index == cancelled:
+            assert isinstance(result, Cancelled), f"member {index} was not stopped: {type(result)}"
+            assert "before step 2 of 3" in str(result)
+            continue
+        diff = max_diff(image(family, job, result), image(family, job, single))
+        assert diff <= TOLERANCE, f"{family} member {index}: max |diff| {diff:.3g}"
+
+
+@pytest.mark.parametrize("kernels", ["reference", "fast"])
+def test_cancelled_member_stops_alone(kernels: str) -> None:
+    """A member that leaves after step 1 gets `Cancelled`; the others (whose batch shrinks mid-loop) finish
+    with their exact images, and each member's progress is its own."""
+    family = "qwen-image"
+    members = jobs(family)
+    denoiser = pipeline(family, kernels).denoiser
+    steps: list[list[int]] = [[], [], []]
+    hooks = [StepHooks(on_step=lambda s, t, i=i: steps[i].append(s)) for i in range(3)]
+    hooks[1] = stop_after(1)
+    results = denoiser.run_batch(members, hooks)
+    assert steps[0] == steps[2] == [1, 2, 3]
+    assert_members_exact(family, members, results, [denoiser.run(j) for j in members], cancelled=1)
+
+
+def test_batch_of_one_is_the_unbatched_run() -> None:
+    """`run` is `run_batch` of one, bit for bit, and a job with a stop request raises as before."""
+    family = "z-image"
+    job = jobs(family)[1]
+    denoiser = pipeline(family).denoiser
+    assert torch.equal(denoiser.run_batch([job], [StepHooks()])[0], denoiser.run(job))
+    with pytest.raises(Cancelled):
+        denoiser.run(job, stop_after(1))
+
+
+def test_incompatible_jobs_refused() -> None:
+    qwen = jobs("qwen-image")
+    other_size = jobs("qwen-image", (48, 80))[0]
+    assert batch_key(other_size) != batch_key(qwen[0])
+    with pytest.raises(ValueError, match="batch keys"):
+        pipeline("qwen-image").denoiser.run_batch([qwen[0], other_size], [StepHooks(), StepHooks()])
+
+
+# Sizes where every rank of P = 2 holds >= 16 rows (see test_parallel).
+SP_SIZES = {"qwen-image": (128, 128), "z-image": (112, 144)}
+
+
+@pytest.mark.parametrize("family", ["qwen-image", "z-image"])
+def test_batch_on_sp2_group(family: str) -> None:
+    """`--sp 2`: rank 0 broadcasts the batch, both ranks run it, each member's stop decision is rank 0's; the
+    members equal their runs alone on the same group and the cancelled one stops alone."""
+    members = jobs(family, SP_SIZES[family])
+    with local_group(tiny_checkpoint_cached(family), 2, False, threads=THREADS, timeout_s=120) as group:
+        results = group.run_batch(members, [StepHooks(), StepHooks(), stop_after(1)])
+        singles = [group.run(job) for job in members]
+    assert_members_exact(family, members, results, singles, cancelled=2)
