@@ -64,23 +64,25 @@ class AdapterSlot:
         for module in modules:  # one module at a time: the float32 work never holds more than one weight
             linear = self.transformer.get_submodule(module)
             weight, bias = linear.weight, linear.bias
-            delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            bias_delta = None
+            # W in float32 (a copy, also of a float32 W), each adapter added by one addmm, rounded once.
+            merged = weight.detach().to(torch.float32, copy=True)
+            merged_bias = None
             for adapter, scale in adapters:
                 layer = adapter.layers.get(module)
                 if layer is None:
                     continue
                 factor = scale * layer.scaling
                 up, down = layer.up.to(weight.device, torch.float32), layer.down.to(weight.device, torch.float32)
-                delta.addmm_(up, down, alpha=factor)
+                merged.addmm_(up, down, alpha=factor)
                 if layer.up_bias is not None:
                     if bias is None:
                         raise ValueError(f"{module} has no bias for the adapter's lora_B bias")
-                    term = layer.up_bias.to(weight.device, torch.float32) * factor
-                    bias_delta = term if bias_delta is None else bias_delta + term
-            saved_bias = bias.detach().clone() if bias_delta is not None else None
+                    if merged_bias is None:
+                        merged_bias = bias.detach().to(torch.float32, copy=True)
+                    merged_bias.add_(layer.up_bias.to(weight.device, torch.float32), alpha=factor)
+            saved_bias = bias.detach().clone() if merged_bias is not None else None
             self._saved[module] = (weight.detach().clone(), saved_bias)
             # `.data.copy_` writes through views: the fused QKV/W13 buffers of the fast path change too.
-            weight.data.copy_(weight.float().add_(delta).to(weight.dtype))
-            if bias_delta is not None:
-                bias.data.copy_(bias.float().add_(bias_delta).to(bias.dtype))
+            weight.data.copy_(merged)
+            if merged_bias is not None:
+                bias.data.copy_(merged_bias)
