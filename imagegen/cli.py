@@ -53,6 +53,12 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default: float32)")
     parser.add_argument("--sp", type=int, default=1, help="sequence-parallel degree (processes on this machine)")
+    parser.add_argument(
+        "--ulysses",
+        type=int,
+        help="Ulysses degree U of --sp P = U x R ring ranks; U must divide P and the model's heads "
+        "(default: the largest that does)",
+    )
     parser.add_argument("--cfg-parallel", action="store_true", help="run the CFG branches on separate processes")
     parser.add_argument(
         "--collective-timeout", type=float, default=300.0, help="seconds before a stuck process group fails"
@@ -249,10 +255,10 @@ def _run_local(args: argparse.Namespace, options, images):
             os.environ[env] = value
     group_args = (model, args.sp, args.cfg_parallel, args.dtype, args.device, args.collective_timeout)
     if is_torchrun_follower():  # under torchrun, rank 0 runs the pipeline and writes the output
-        follow_as_rank(*group_args)
+        follow_as_rank(*group_args, ulysses=args.ulysses)
         return None
     if args.sp > 1 or args.cfg_parallel or launched_by_torchrun():
-        with group_denoiser(*group_args) as group:
+        with group_denoiser(*group_args, ulysses=args.ulysses) as group:
             return _run_pipeline(model, options, images, args, denoiser=group)
     return _run_pipeline(model, options, images, args)
 

@@ -73,7 +73,14 @@ class GroupEngine:
         dtype = str(model.dtype).removeprefix("torch.")
         self._group = self._stack.enter_context(
             group_denoiser(
-                args.model, args.sp, args.cfg_parallel, dtype, model.device, args.collective_timeout, args.torch_threads
+                args.model,
+                args.sp,
+                args.cfg_parallel,
+                dtype,
+                model.device,
+                args.collective_timeout,
+                args.torch_threads,
+                ulysses=args.ulysses,
             )
         )
         self.stage = self._group.denoiser

@@ -68,6 +68,14 @@ def denoiser_flags(parser: argparse.ArgumentParser) -> None:
     add_model_flags(parser)
     add_cache_flags(parser)  # the denoiser reads embeddings by key from the same Redis
     add_flag(parser, "--sp", "IMAGEGEN_SP", 1, "sequence-parallel degree P", type=positive_int)
+    add_flag(
+        parser,
+        "--ulysses",
+        "IMAGEGEN_ULYSSES",
+        None,
+        "Ulysses degree U of P = U x R ring ranks (U divides P and the heads; default: the largest that does)",
+        type=positive_int,
+    )
     add_switch(parser, "--cfg-parallel", "IMAGEGEN_CFG_PARALLEL", "run the two CFG branches on separate processes")
     add_flag(
         parser,

@@ -281,6 +281,17 @@ def test_sp4_cfg_group_is_one_pod_with_eight_gpus(rendered):
     assert "/dev/shm" in mounts
 
 
+def test_ulysses_degree_reaches_every_rank_and_counts_no_gpus(helm, tmp_path):
+    """Z-Image (30 heads) on 8 GPUs: --sp 8 --ulysses 2 is 2 x 4 ring ranks; the GPUs are still P x C."""
+    values = "models:\n  - {id: z, family: z-image, path: Z-Image, device: cuda, sp: 8, ulysses: 2}\n"
+    (workload, pod), *_ = denoiser_pods_by_model(render(helm, _write(tmp_path, values)))["z"]
+    container = main_container(pod)
+    assert gpus(container) == (8, 8)
+    assert container["args"][:3] == ["--nnodes=1", "--nproc-per-node=8", "--no-python"]
+    serve = container["args"][3:]
+    assert serve[serve.index("--sp") :] == ["--sp", "8", "--ulysses", "2"]
+
+
 def test_multinode_group_leader_and_workers(rendered):
     objs = rendered["multinode-tls"]
     groups = [w for w, _ in denoiser_pods_by_model(objs)["z-image"]]
@@ -669,11 +680,20 @@ def test_schema_rejects_bad_values(helm, tmp_path, values, message):
             "models:\n  - {id: a, family: qwen-image, path: A, encoder: {resources: {limits: {nvidia.com/gpu: 2}}}}\n",
             "derives",
         ),
+        ("models:\n  - {id: a, family: z-image, path: A, sp: 8, ulysses: 3}\n", "ulysses 3 does not divide sp 8"),
         ("gateway:\n  defaultModel: nope\n", "defaultModel"),
         ("redis:\n  mode: external\n", "redis.external.url"),
         ("tls:\n  enabled: true\n", "tls.cert"),
     ],
-    ids=["duplicate-id", "nodes-not-dividing", "gpu-in-resources", "unknown-default-model", "no-url", "no-cert"],
+    ids=[
+        "duplicate-id",
+        "nodes-not-dividing",
+        "gpu-in-resources",
+        "ulysses-not-dividing",
+        "unknown-default-model",
+        "no-url",
+        "no-cert",
+    ],
 )
 def test_chart_rejects_inconsistent_values(helm, tmp_path, values, message):
     proc = _helm(helm, "template", [_write(tmp_path, values)])

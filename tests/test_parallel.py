@@ -21,8 +21,9 @@ from imagegen.common.checkpoint import open_model_folder
 from imagegen.common.denoise import DenoiseJob
 from imagegen.common.families import get_family
 from imagegen.common.parallel import ulysses
-from imagegen.common.parallel.group import GroupError, ParallelGroup
+from imagegen.common.parallel.group import ParallelGroup
 from imagegen.common.parallel.launch import free_port, local_group
+from imagegen.common.parallel.layout import LayoutError
 from imagegen.common.parallel.runner import GroupDenoiser, follow_leader
 from imagegen.common.pipeline import Pipeline
 from imagegen.common.tiny import tiny_checkpoint_cached
@@ -153,10 +154,12 @@ def test_caption_through_all_to_all_breaks_parity(tmp_path) -> None:
     assert min(cosine(outputs[(str(s), b)], single.outputs[(s, b)]) for s, b in single.outputs) < MIN_COSINE
 
 
-def test_head_count_not_divisible_fails_at_start_up() -> None:
+def test_ulysses_degree_not_dividing_the_heads_fails_at_start_up() -> None:
     path = tiny_checkpoint_cached("qwen-image")
-    with pytest.raises(GroupError, match=r"valid degrees: 1, 2, 4"):
-        with local_group(path, 3, False):
+    with pytest.raises(
+        LayoutError, match=r"--ulysses 3 does not fit --sp 6 .*valid for --sp 6: --ulysses 2, --ulysses 1"
+    ):
+        with local_group(path, 6, False, ulysses=3):
             pass
 
 

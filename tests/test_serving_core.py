@@ -439,8 +439,8 @@ def test_deadline_raises_deadline_exceeded_once_past():
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-def test_denoiser_group_with_a_degree_that_does_not_divide_the_heads_fails_at_start_up():
-    from imagegen.common.parallel.group import GroupError
+def test_denoiser_group_with_a_ulysses_degree_that_does_not_divide_the_heads_fails_at_start_up():
+    from imagegen.common.parallel.layout import LayoutError
     from imagegen.common.serving.hosting import HostedModel
     from imagegen.common.tiny import tiny_checkpoint_cached
     from imagegen.services.denoiser import make_engine
@@ -450,13 +450,15 @@ def test_denoiser_group_with_a_degree_that_does_not_divide_the_heads_fails_at_st
         model_id=None,
         device="cpu",
         dtype=None,
-        sp=3,
+        sp=6,
+        ulysses=3,
         cfg_parallel=False,
         collective_timeout=30.0,
         torch_threads=1,
     )
     with pytest.raises(
-        GroupError, match="--sp 3 does not divide the model's 4 attention heads; valid degrees: 1, 2, 4"
+        LayoutError,
+        match="--ulysses 3 does not fit --sp 6 on a model with 4 attention heads .*: --ulysses 2, --ulysses 1",
     ):
         make_engine(args, HostedModel.from_args(args))
 

@@ -138,9 +138,13 @@ imagegen.models: the served models, normalized and checked, as YAML {models: [..
 {{- $sp := int64 ($m.sp | default 1) -}}
 {{- $c := ternary 2 1 (eq ($m.cfgParallel | default false) true) -}}
 {{- $world := mul $sp $c -}}
+{{- $ulysses := int64 ($m.ulysses | default 0) -}}
+{{- if and (gt $ulysses 0) (ne (mod $sp $ulysses) 0) -}}
+{{- fail (printf "models[%d] (%s): ulysses %d does not divide sp %d (the group is U x R = sp ranks)" $i $m.id $ulysses $sp) -}}
+{{- end -}}
 {{- $model := dict "id" $m.id "name" $name "fullname" (printf "%s-%s" $prefix $name) "family" $m.family
       "path" $m.path "modelDir" (printf "%s/%s" (trimSuffix "/" $weights.mountPath) $m.path)
-      "device" $device "dtype" ($m.dtype | default "") "sp" $sp "cfgParallel" (eq $c 2) "world" $world
+      "device" $device "dtype" ($m.dtype | default "") "sp" $sp "ulysses" $ulysses "cfgParallel" (eq $c 2) "world" $world
       "weights" $weights "tiny" ($m.tiny | default dict) -}}
 {{- range $stageName := list "encoder" "denoiser" "vae" -}}
 {{- $stage := deepCopy (get $root.Values.stageDefaults $stageName) -}}

@@ -13,7 +13,7 @@ Denoiser pods also carry imagegen/role: leader (node rank 0: serves gRPC and met
 {{/*
 The command of a stage's container, per docs/services.md:
   imagegen serve encoder|vae --model DIR --model-id ID
-  imagegen serve denoiser --model DIR --model-id ID --sp P [--cfg-parallel]             (group of 1)
+  imagegen serve denoiser --model DIR --model-id ID --sp P [--ulysses U] [--cfg-parallel] (group of 1)
   torchrun --nnodes=1 --nproc-per-node=PxC --no-python imagegen serve denoiser ...     (one-pod group)
   torchrun --nnodes=N --nproc-per-node=PxC/N --node-rank=R --master-addr=LEADER ...    (multi-node group)
 dict "root" $ "model" MODEL "component" NAME [ "masterAddr" HOST ] [ "nodeRank" "0" | "$(NODE_RANK)" ].
@@ -24,6 +24,9 @@ dict "root" $ "model" MODEL "component" NAME [ "masterAddr" HOST ] [ "nodeRank" 
 {{- $serve := list "serve" .component "--model" $model.modelDir "--model-id" $model.id -}}
 {{- if eq .component "denoiser" -}}
 {{- $serve = concat $serve (list "--sp" (printf "%d" (int64 $model.sp))) -}}
+{{- if gt (int64 $model.ulysses) 0 -}}
+{{- $serve = concat $serve (list "--ulysses" (printf "%d" (int64 $model.ulysses))) -}}
+{{- end -}}
 {{- if $model.cfgParallel -}}
 {{- $serve = append $serve "--cfg-parallel" -}}
 {{- end -}}
