@@ -699,3 +699,25 @@ def test_chart_rejects_inconsistent_values(helm, tmp_path, values, message):
     proc = _helm(helm, "template", [_write(tmp_path, values)])
     assert proc.returncode != 0
     assert message in proc.stderr
+
+
+def test_gateway_serves_the_openai_http_api_unless_disabled(helm, rendered, tmp_path):
+    for name, objs in rendered.items():
+        if merged_values(name)["gateway"]["http"]["enabled"] is not True:
+            continue
+        (gateway,) = [w for w in workloads(objs) if w["metadata"]["name"].endswith("-gateway")]
+        container = main_container(gateway["spec"]["template"])
+        assert named_ports(container)["http"] == 8000 == int(env(container)["IMAGEGEN_HTTP_PORT"]), name
+        (service,) = [s for s in of_kind(objs, "Service") if s["metadata"]["name"].endswith("-gateway")]
+        http = next(p for p in service["spec"]["ports"] if p["name"] == "http")
+        assert (http["targetPort"], http["appProtocol"]) == ("http", "http"), name
+        policies = [np for np in of_kind(objs, "NetworkPolicy") if np["metadata"]["labels"][COMPONENT] == "gateway"]
+        for policy in policies:  # the HTTP port admits the same peers as gRPC
+            first = policy["spec"]["ingress"][0]
+            assert {"port": 8000, "protocol": "TCP"} in first["ports"], name
+    objs = render(helm, _write(tmp_path, "gateway:\n  http:\n    enabled: false\n"))
+    (gateway,) = [w for w in workloads(objs) if w["metadata"]["name"].endswith("-gateway")]
+    container = main_container(gateway["spec"]["template"])
+    assert "http" not in named_ports(container) and env(container)["IMAGEGEN_HTTP_PORT"] == "0"
+    (service,) = [s for s in of_kind(objs, "Service") if s["metadata"]["name"].endswith("-gateway")]
+    assert [p["name"] for p in service["spec"]["ports"]] == ["grpc"]

@@ -58,7 +58,7 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 
 {{/* The container ports of docs/services.md ("health" is the plaintext health-only port used with TLS). */}}
 {{- define "imagegen.ports" -}}
-gateway: {grpc: 50051, metrics: 9100, health: 50061}
+gateway: {grpc: 50051, metrics: 9100, health: 50061, http: 8000}
 encoder: {grpc: 50052, metrics: 9101, health: 50062}
 denoiser: {grpc: 50053, metrics: 9102, health: 50063}
 vae: {grpc: 50054, metrics: 9103, health: 50064}
