@@ -62,3 +62,14 @@ def test_output_formats_and_service_surface():
     assert {"GenerateImage", "EditImage", "GenerateImageStream", "EditImageStream"} <= set(methods)
     assert methods["GenerateImageStream"].server_streaming and not methods["GenerateImage"].server_streaming
     assert image_service_pb2.DESCRIPTOR.package == "imagegen.v1"
+
+
+def test_public_stubs_have_one_copy_in_the_client_distribution():
+    import imagegen.v1.common_pb2 as server_common
+    import imagegen_client.v1.common_pb2
+    import imagegen_client.v1.image_service_pb2
+
+    # The server's imagegen.v1 names the client's modules: one set of classes, one descriptor-pool entry.
+    assert server_common is imagegen_client.v1.common_pb2 and common_pb2 is server_common
+    assert image_service_pb2 is imagegen_client.v1.image_service_pb2
+    assert image_service_pb2.GenerateImageRequest.__module__ == "imagegen_client.v1.image_service_pb2"
