@@ -258,3 +258,14 @@ def numpy_load(path: Path):
     import numpy as np
 
     return np.load(path, allow_pickle=False)
+
+
+def test_gpu_benchmark_smoke(capsys) -> None:
+    """`bench/lora_gpu.py --smoke`: the GPU benchmark's own code on the CPU with the tiny checkpoints."""
+    from bench.lora_gpu import main as bench_main
+
+    assert bench_main(["--smoke", "--workloads", "z-image-turbo-1024"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    summary = next(line for line in lines if line["event"] == "summary")
+    assert summary["restored_bitwise"] and summary["saved_gib"] > 0
+    assert {line["after"] for line in lines if line["event"] == "switch"} == {"a", "b", "a+b", "none"}

@@ -29,25 +29,30 @@ def adapted_linears(transformer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 
 
 def random_lora(
-    transformer: torch.nn.Module, rank: int = 4, seed: int = 0, strength: float = 0.3, fmt: str = "peft"
+    transformer: torch.nn.Module,
+    rank: int = 4,
+    seed: int = 0,
+    strength: float = 0.3,
+    fmt: str = "peft",
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, safetensors header metadata) of a random adapter for `transformer`."""
+    """(tensors, safetensors header metadata) of a random adapter for `transformer` (CPU tensors of `dtype`)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     generator = torch.Generator().manual_seed(seed)
     alpha = rank / 2  # scaling 0.5: a loader that ignores alpha is off by 2x
     tensors: dict[str, torch.Tensor] = {}
     for name, linear in adapted_linears(transformer).items():
-        weight = linear.weight.detach().float().cpu()
-        spread = float(weight.std()) or 1.0
-        down = torch.randn(rank, weight.shape[1], generator=generator) / rank**0.5
-        up = torch.randn(weight.shape[0], rank, generator=generator) * (strength * spread / 0.5)
+        out_features, in_features = linear.weight.shape
+        spread = float(linear.weight.detach().float().std()) or 1.0  # on the weight's device: no host copy
+        down = torch.randn(rank, in_features, generator=generator) / rank**0.5
+        up = torch.randn(out_features, rank, generator=generator) * (strength * spread / 0.5)
         if fmt == "peft":
-            tensors[f"{PREFIX}{name}.lora_A.weight"] = down.contiguous()
-            tensors[f"{PREFIX}{name}.lora_B.weight"] = up.contiguous()
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = down.to(dtype).contiguous()
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = up.to(dtype).contiguous()
         else:
-            tensors[f"diffusion_model.{name}.lora_down.weight"] = down.contiguous()
-            tensors[f"diffusion_model.{name}.lora_up.weight"] = up.contiguous()
+            tensors[f"diffusion_model.{name}.lora_down.weight"] = down.to(dtype).contiguous()
+            tensors[f"diffusion_model.{name}.lora_up.weight"] = up.to(dtype).contiguous()
             tensors[f"diffusion_model.{name}.alpha"] = torch.tensor(alpha)
     header = {"format": "pt"}
     if fmt == "peft":
