@@ -269,3 +269,43 @@ def test_gpu_benchmark_smoke(capsys) -> None:
     summary = next(line for line in lines if line["event"] == "summary")
     assert summary["restored_bitwise"] and summary["saved_gib"] > 0
     assert {line["after"] for line in lines if line["event"] == "switch"} == {"a", "b", "a+b", "none"}
+
+
+def test_helm_chart_points_the_denoiser_at_the_models_lora_folder(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    helm = subprocess.run(
+        [sys.executable, str(root / "helm" / "tools" / "install_helm.py"), str(Path.home() / ".cache/imagegen/helm")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout.splitlines()[-1]
+    models = [
+        {"id": "qwen-image", "family": "qwen-image", "path": "Qwen-Image", "loraPath": "loras/qwen"},
+        {"id": "z-image", "family": "z-image", "path": "Z-Image"},
+    ]
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"models": models}))
+    proc = subprocess.run(
+        [helm, "template", "r", str(root / "helm" / "imagegen"), "-f", str(values), "--kube-version", "1.33.0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lora_dirs = {}
+    for doc in yaml.safe_load_all(proc.stdout):
+        if (
+            doc
+            and doc.get("kind") == "Deployment"
+            and doc["metadata"]["labels"].get("app.kubernetes.io/component") == "denoiser"
+        ):
+            container = doc["spec"]["template"]["spec"]["containers"][0]
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            lora_dirs[doc["metadata"]["labels"]["imagegen/model"]] = env.get("IMAGEGEN_LORA_DIR")
+    assert lora_dirs == {"qwen-image": "/models/loras/qwen", "z-image": None}

@@ -158,6 +158,10 @@ probes and Prometheus reach them there). */}}
 {{- if eq .component "denoiser" }}
 - name: IMAGEGEN_QUEUE_SIZE
   value: {{ int64 $stage.queueSize | quote }}
+{{- with .model.loraDir }}
+- name: IMAGEGEN_LORA_DIR
+  value: {{ . | quote }}
+{{- end }}
 {{- if gt (int64 .model.world) 1 }}
 {{- /* torchrun forwards SIGTERM to every rank, then kills them after this many seconds: rank 0 must be able
 to finish its drain (--grace-period) and release the other ranks first. */}}
