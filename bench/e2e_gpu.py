@@ -124,10 +124,36 @@ def _resize(config, **values) -> None:
         config.layer_types = ["full_attention"] * values["num_hidden_layers"]
 
 
+# Z-Image's DiT (shared/docs/full-size-configs.md)
+Z_IMAGE_DIT = dict(
+    dim=3840,
+    n_layers=30,
+    n_refiner_layers=2,
+    n_heads=30,
+    n_kv_heads=30,
+    cap_feat_dim=2560,
+    axes_dims=[32, 48, 48],
+    axes_lens=[1024, 512, 512],
+)
+
+
+def full_size_transformer(family: str) -> torch.nn.Module:
+    """The published DiT of `family` with random weights, on the GPU in bf16."""
+    if family.startswith("qwen"):
+        return _scaled_linears(_build(QwenImageTransformer2DModel, {}, 1), 0.5)
+    return _scaled_linears(_build(ZImageTransformer2DModel, Z_IMAGE_DIT, 1), 0.5)
+
+
+def full_size_vae(family: str) -> torch.nn.Module:
+    if family.startswith("qwen"):
+        return _build(AutoencoderKLQwenImage, {}, 3)
+    return _build(AutoencoderKL, FLUX_VAE, 3)
+
+
 def full_size_modules(family: str, folder) -> dict:
     """The published architectures with random weights, on the GPU, for `family`'s pipeline."""
+    transformer = full_size_transformer(family)
     if family.startswith("qwen"):
-        transformer = _scaled_linears(_build(QwenImageTransformer2DModel, {}, 1), 0.5)
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
         config = Qwen2_5_VLConfig.from_dict(folder.config("text_encoder"))
@@ -151,25 +177,7 @@ def full_size_modules(family: str, folder) -> dict:
             fullatt_block_indexes=[7, 15, 23, 31],
         )
         text_encoder = _build(Qwen2_5_VLForConditionalGeneration, config, 2)
-        vae = _build(AutoencoderKLQwenImage, {}, 3)
     else:
-        transformer = _scaled_linears(
-            _build(
-                ZImageTransformer2DModel,
-                dict(
-                    dim=3840,
-                    n_layers=30,
-                    n_refiner_layers=2,
-                    n_heads=30,
-                    n_kv_heads=30,
-                    cap_feat_dim=2560,
-                    axes_dims=[32, 48, 48],
-                    axes_lens=[1024, 512, 512],
-                ),
-                1,
-            ),
-            0.5,
-        )
         from transformers import Qwen3Config, Qwen3Model
 
         config = Qwen3Config.from_dict(folder.config("text_encoder"))
@@ -184,7 +192,7 @@ def full_size_modules(family: str, folder) -> dict:
             vocab_size=151936,
         )
         text_encoder = _build(Qwen3Model, config, 2)
-        vae = _build(AutoencoderKL, FLUX_VAE, 3)
+    vae = full_size_vae(family)
     return {"transformer": transformer, "text_encoder": text_encoder, "vae": vae, "processors": Processors(transformer)}
 
 

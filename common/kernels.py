@@ -82,6 +82,14 @@ def mark_dynamic(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     return tensor
 
 
+def batch_dynamic(tensor: torch.Tensor, *dims: int) -> torch.Tensor:
+    """The batch dim (0) dynamic, plus `dims`: one compiled graph serves every batch of requests with two or
+    more rows (torch specialises size 1, so a single row keeps a graph of its own)."""
+    for dim in (0, *dims):
+        mark_dynamic(tensor, dim)
+    return tensor
+
+
 class CompileMarker:
     """A file per (model config, dtype, torch version) saying that this machine's compiler cache holds the
     graphs, so a one-off CLI run knows whether compiling is cheap. Written after a compiled forward ran."""

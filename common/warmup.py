@@ -36,12 +36,18 @@ def parse_sizes(text: str | None, family: Family) -> list[tuple[int, int]]:
     return sizes
 
 
-def warm_up(engine, family: Family, transformer_config: dict, sizes: list[tuple[int, int]]) -> float:
-    """Run the family's warm-up jobs of every size through `engine` (`run(job, hooks)`); seconds taken."""
+def warm_up(
+    engine, family: Family, transformer_config: dict, sizes: list[tuple[int, int]], max_batch: int = 1
+) -> float:
+    """Run the family's warm-up jobs of every size through `engine` (`run(job, hooks)`), and with batching
+    (`max_batch` > 1) each as a batch of two too (`run_batch`: the compiled stages' dynamic batch dim, the
+    per-row attention of several requests); seconds taken."""
     start = time.perf_counter()
     for width, height in sizes:
         for job in family.warmup_jobs(width, height, transformer_config):
             engine.run(job, StepHooks())
+            if max_batch > 1:
+                engine.run_batch([job, job], [StepHooks(), StepHooks()])
     seconds = time.perf_counter() - start
     if sizes:
         log.info("warm-up of %s done in %.1f s", ", ".join(f"{w}x{h}" for w, h in sizes), seconds)

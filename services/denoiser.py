@@ -59,8 +59,12 @@ SERVICE = "imagegen.v1.DenoiserService"
 log = logging.getLogger(__name__)
 
 
-def default_max_batch(device) -> int:
-    """1 on the CPU (a forward there is compute-bound already), `CUDA_MAX_BATCH` on a GPU."""
+def max_batch(args: argparse.Namespace, device) -> int:
+    """`--max-batch`, else 1 on the CPU (a forward there is compute-bound already) and `CUDA_MAX_BATCH` on a
+    GPU."""
+    chosen = getattr(args, "max_batch", None)
+    if chosen:
+        return chosen
     return CUDA_MAX_BATCH if str(device).startswith("cuda") else 1
 
 
@@ -140,14 +144,16 @@ def export_kernel_choice(args: argparse.Namespace) -> None:
             os.environ[env] = str(value)
 
 
-def prepare_engine(args: argparse.Namespace, model: HostedModel):
-    """Load, then warm the fast path up for `--warmup-sizes` before the service reports SERVING."""
+def prepare_engine(args: argparse.Namespace, model: HostedModel, engine=None):
+    """Load (unless `engine` is given: benchmarks host full-size random-weight stages), then warm the fast
+    path up for `--warmup-sizes` (and batches, with batching on) before the service reports SERVING."""
     export_kernel_choice(args)
-    engine = make_engine(args, model)
+    engine = engine if engine is not None else make_engine(args, model)
     stage = getattr(engine, "stage", engine)
     if getattr(stage, "kernels", "reference") == "fast" and str(model.device).startswith("cuda"):
         sizes = parse_sizes(args.warmup_sizes, model.family)
-        warm_up(engine, model.family, model.folder.config("transformer"), sizes)
+        config = dict(stage.dit.transformer.config)  # the loaded (or given) model's, not the folder's
+        warm_up(engine, model.family, config, sizes, max_batch(args, model.device))
     return engine
 
 
@@ -165,9 +171,10 @@ def follow(args: argparse.Namespace) -> int:
 
 
 class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
-    def __init__(self, args: argparse.Namespace, model: HostedModel) -> None:
+    def __init__(self, args: argparse.Namespace, model: HostedModel, engine=None) -> None:
         self.args = args
         self.model = model
+        self._prebuilt = engine  # an already built engine (benchmarks); None: loaded from the model folder
         self.family = model.family.name
         self.limits = limits_from_args(args)
         self.loras = LoraRegistry(getattr(args, "lora_dir", None))  # a bad --lora-dir fails before the port opens
@@ -179,7 +186,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
         model = self.model
         loader = compute_thread("denoiser-load")
         try:
-            self.engine = await in_executor(loader, prepare_engine, self.args, model)
+            self.engine = await in_executor(loader, prepare_engine, self.args, model, self._prebuilt)
         finally:
             loader.shutdown(wait=False)
         self.stage = getattr(self.engine, "stage", self.engine)
@@ -199,12 +206,12 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
 
     def _batching(self) -> Batching | None:
         """`--max-batch` (default by device) and `--batch-wait-ms`; None where jobs run one at a time."""
-        max_batch = getattr(self.args, "max_batch", None) or default_max_batch(self.model.device)
-        if max_batch <= 1:
+        size = max_batch(self.args, self.model.device)
+        if size <= 1:
             return None
         wait_ms = getattr(self.args, "batch_wait_ms", BATCH_WAIT_MS)
-        log.info("denoiser batches up to %d jobs, waiting at most %.1f ms for them", max_batch, wait_ms)
-        return Batching(max_batch, wait_ms / 1000, self._run_batch)
+        log.info("denoiser batches up to %d jobs, waiting at most %.1f ms for them", size, wait_ms)
+        return Batching(size, wait_ms / 1000, self._run_batch)
 
     def _group_failed(self, reason: str) -> None:
         """From the queue's thread: fail the waiting jobs at once and take the process down (exit status 1)."""

@@ -9,22 +9,33 @@ against runs made in this session.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from imagegen.common import kernels
 from imagegen.common.batching import batch_key
 from imagegen.common.denoise import DenoiseJob, StepHooks
 from imagegen.common.errors import Cancelled
 from imagegen.common.options import RequestOptions
 from imagegen.common.parallel.launch import local_group
 from imagegen.common.pipeline import Pipeline
+from imagegen.common.serving.jobs import Batching, JobQueue
 from imagegen.common.tiny import tiny_checkpoint_cached
+from torch._dynamo.utils import counters
 
 from tests.parity import LONG_NEGATIVE, THREADS, max_diff
 
 TOLERANCE = 1e-6
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -158,3 +169,166 @@ def test_batch_on_sp2_group(family: str) -> None:
         results = group.run_batch(members, [StepHooks(), StepHooks(), stop_after(1)])
         singles = [group.run(job) for job in members]
     assert_members_exact(family, members, results, singles, cancelled=2)
+
+
+# --------------------------------------------------------------------------------------------- the job queue
+class Recorder:
+    """A `Batching.run` that records each batch's payloads and runs every member for `steps` steps."""
+
+    def __init__(self, steps: int = 2, step_seconds: float = 0.0) -> None:
+        self.batches: list[list[str]] = []
+        self.steps, self.step_seconds = steps, step_seconds
+
+    def __call__(self, payloads: list[str], hooks: list[StepHooks]) -> list:
+        self.batches.append(list(payloads))
+        results: list = [None] * len(payloads)
+        for step in range(self.steps):
+            for i, h in enumerate(hooks):
+                if results[i] is None and h.should_stop():
+                    results[i] = Cancelled(f"before step {step + 1}")
+            time.sleep(self.step_seconds)
+            for i, h in enumerate(hooks):
+                if results[i] is None:
+                    h.on_step(step + 1, self.steps)
+        return [r if r is not None else f"{p}:done" for p, r in zip(payloads, results, strict=True)]
+
+
+def _blocker(release: threading.Event):
+    def work(hooks: StepHooks) -> str:
+        release.wait(10)
+        return "blocker"
+
+    return work
+
+
+def _alone(name: str):
+    return lambda hooks: f"{name}:alone"
+
+
+async def _final(ticket) -> object:
+    async for event in ticket.events():
+        if event.final:
+            return event
+    raise AssertionError("no final event")
+
+
+def test_queue_batches_fifo_without_starving() -> None:
+    """Batches start at the oldest job and take compatible later ones in order, up to max_size; an
+    incompatible job keeps its turn (B, older than D, runs before D); key None never batches."""
+
+    async def scenario() -> None:
+        recorder = Recorder()
+        queue = JobQueue(16, "batch-fifo", batching=Batching(2, 0.0, recorder))
+        release = threading.Event()
+        blocker = queue.submit(_blocker(release))
+        tickets = {
+            name: queue.submit(_alone(name), payload=name, key=key)
+            for name, key in [("A", 1), ("B", 2), ("C", 1), ("D", 1), ("E", 2), ("F", None)]
+        }
+        release.set()
+        assert (await _final(blocker)).result == "blocker"
+        finals = {name: await _final(t) for name, t in tickets.items()}
+        assert recorder.batches == [["A", "C"], ["B", "E"]]
+        assert {n: e.result for n, e in finals.items()} == {
+            "A": "A:done", "B": "B:done", "C": "C:done", "D": "D:alone", "E": "E:done", "F": "F:alone"
+        }  # fmt: skip
+        assert queue.close(5)
+
+    asyncio.run(scenario())
+
+
+def test_queue_waits_at_most_batch_wait() -> None:
+    """A job arriving within the wait joins the head's batch; the wait never exceeds `wait_s`; with 0 only
+    what is already queued batches."""
+
+    async def scenario() -> None:
+        recorder = Recorder()
+        queue = JobQueue(16, "batch-wait", batching=Batching(4, 0.4, recorder))
+        waits_before = _histogram_count("imagegen_denoise_batch_wait_seconds")
+        start = time.monotonic()
+        first = queue.submit(_alone("A"), payload="A", key=1)
+        await asyncio.sleep(0.1)
+        second = queue.submit(_alone("B"), payload="B", key=1)
+        assert (await _final(first)).result == "A:done" and (await _final(second)).result == "B:done"
+        elapsed = time.monotonic() - start
+        assert recorder.batches == [["A", "B"]]
+        assert 0.35 <= elapsed < 2.0  # waited for the batch to fill until the 0.4 s limit, not longer
+        assert _histogram_count("imagegen_denoise_batch_wait_seconds") == waits_before + 1
+        assert queue.close(5)
+
+        immediate = Recorder()
+        queue = JobQueue(16, "batch-no-wait", batching=Batching(4, 0.0, immediate))
+        start = time.monotonic()
+        assert (await _final(queue.submit(_alone("C"), payload="C", key=1))).result == "C:alone"
+        assert time.monotonic() - start < 0.3 and immediate.batches == []
+        assert queue.close(5)
+
+    asyncio.run(scenario())
+
+
+def test_queue_member_cancelled_mid_batch_stops_alone() -> None:
+    """A member withdrawn while its batch runs stops at the next step; the others finish; each got its own
+    progress; a member cancelled before the batch started never runs."""
+
+    async def scenario() -> None:
+        recorder = Recorder(steps=20, step_seconds=0.02)
+        queue = JobQueue(16, "batch-cancel", batching=Batching(4, 0.0, recorder))
+        release = threading.Event()
+        blocker = queue.submit(_blocker(release))
+        a, b, c = (queue.submit(_alone(n), payload=n, key=1) for n in "ABC")
+        release.set()
+        await _final(blocker)
+        async for event in b.events():
+            if event.kind == "step" and event.step == 2:
+                break
+        queue.withdraw(b)
+        final_a, final_b, final_c = await _final(a), await _final(b), await _final(c)
+        assert final_a.result == "A:done" and final_c.result == "C:done"
+        assert isinstance(final_b.error, Cancelled)
+        assert recorder.batches == [["A", "B", "C"]]
+        assert queue.close(5)
+
+    asyncio.run(scenario())
+
+
+def _histogram_count(name: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(f"{name}_count") or 0.0
+
+
+@pytest.mark.parametrize("family", ["qwen-image", "z-image"])
+def test_compiled_blocks_serve_every_batch_size(family: str, monkeypatch) -> None:
+    """The fast path's compiled stages keep the batch dim dynamic: after a batch of two members, a batch of
+    three (more rows, other text lengths) traces nothing new (dynamo's eager backend: the tracing inductor
+    sees), and its members still equal their runs alone."""
+    monkeypatch.setenv(kernels.COMPILE_BACKEND_ENV, "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        denoiser = Pipeline(tiny_checkpoint_cached(family), kernels="fast", compile="on").denoiser
+        members = jobs(family)
+        denoiser.run_batch(members[:2], [StepHooks(), StepHooks()])
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs >= 2
+        results = denoiser.run_batch(members, [StepHooks() for _ in members])
+        assert counters["stats"]["unique_graphs"] == graphs, "another batch size recompiled"
+        singles = [pipeline(family, "fast").denoiser.run(j) for j in members]
+        assert_members_exact(family, members, results, singles)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_gpu_benchmark_smoke() -> None:
+    """`bench/batching_gpu.py --smoke`: the GPU benchmark's own code (real gRPC servicer, concurrent callers,
+    `--max-batch 1` against batched) on the CPU with the tiny checkpoints; batches form and every batched
+    image equals the same request's image alone."""
+    command = [sys.executable, "bench/batching_gpu.py", "--smoke", "--workloads", "qwen-image-512,z-image-turbo-512"]
+    command += ["--callers", "3", "--requests", "6", "--max-batch", "3", "--check", "6"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"workload"')]
+    results = [r for r in results if "verdict" in r]
+    assert [r["workload"] for r in results] == ["qwen-image-512", "z-image-turbo-512"]
+    for r in results:
+        assert r["verdict"] == "pass" and r["batched_mean_batch"] > 1 and r["max_abs_diff"] <= TOLERANCE, r

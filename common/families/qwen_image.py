@@ -35,6 +35,7 @@ from imagegen.common.graphs import maybe_graphed
 from imagegen.common.kernels import (
     BlockStages,
     attention_rows,
+    batch_dynamic,
     fuse_linears,
     join_rows,
     mark_dynamic,
@@ -191,9 +192,19 @@ class QwenVae:
     """Edit images -> packed condition latents; final packed latents -> images in [-1, 1]."""
 
     def __init__(self, folder: ModelFolder, dtype: torch.dtype, device: torch.device | str) -> None:
-        self.variant = VARIANTS[folder.family]
-        self.vae = folder.load("vae", dtype, device)
-        self.device = torch.device(device)
+        self._setup(folder.load("vae", dtype, device), folder.family)
+
+    @classmethod
+    def from_module(cls, vae: torch.nn.Module, family: str) -> QwenVae:
+        """Over an already-built VAE (benchmarks build full-size ones with random weights)."""
+        stage = cls.__new__(cls)
+        stage._setup(vae, family)
+        return stage
+
+    def _setup(self, vae: torch.nn.Module, family: str) -> None:
+        self.variant = VARIANTS[family]
+        self.vae = vae
+        self.device = vae.device
         self.dtype = self.vae.dtype
         config = self.vae.config
         self._mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1)
@@ -378,12 +389,11 @@ def _mlp(ff: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return last(linear_gelu_tanh(x, first.weight, first.bias))
 
 
-def _block_post(block, hidden, text, rows, img_gate1, txt_gate1, img_mod2, txt_mod2, index):
+def _block_post(block, hidden, text, joint, img_gate1, txt_gate1, img_mod2, txt_mod2, index):
     """Output projections, gated residuals, norm2 + modulation and the MLPs of both streams. `rows` is the
     attention output: one `[B, S + L, H, D]` tensor, or one `[1, S + L_b, H, D]` per batch row."""
     attn = block.attn
     split = hidden.shape[1]
-    joint = join_rows(rows, split + text.shape[1])
     img_attn, txt_attn = joint[:, :split], joint[:, split:]
     hidden = hidden + img_gate1 * attn.to_out[0](img_attn.flatten(2, 3))
     text = text + txt_gate1 * attn.to_add_out(txt_attn.flatten(2, 3))
@@ -473,13 +483,16 @@ class QwenFastDiT:
         for i, block in enumerate(tr.transformer_blocks):
             img_mod1, img_mod2 = img_mods[i].chunk(2, dim=-1)
             txt_mod1, txt_mod2 = txt_mods[i].chunk(2, dim=-1)
-            mark_dynamic(text, 1)
+            batch_dynamic(text, 1)
+            batch_dynamic(hidden)
             q, k, v, img_gate1, txt_gate1 = pre(
                 block, hidden, text, img_mod1, txt_mod1, index, inputs.img_cos, inputs.img_sin, inputs.txt_cos,
                 inputs.txt_sin,
             )  # fmt: skip
-            rows = [mark_dynamic(r, 1) for r in attention_rows(q, k, v, valid)]
-            hidden, text = post(block, hidden, text, rows, img_gate1, txt_gate1, img_mod2, txt_mod2, index)
+            # Joined outside the compiled stage: a list of per-row outputs would make its length (the batch)
+            # part of the compiled graph's guards.
+            joint = batch_dynamic(join_rows(attention_rows(q, k, v, valid), image_len + text.shape[1]), 1)
+            hidden, text = post(block, hidden, text, joint, img_gate1, txt_gate1, img_mod2, txt_mod2, index)
         return tr.proj_out(tr.norm_out(hidden, self._temb(timestep)))[:, : latents.shape[1]]
 
 

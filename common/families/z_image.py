@@ -33,6 +33,7 @@ from imagegen.common.graphs import maybe_graphed
 from imagegen.common.kernels import (
     BlockStages,
     attention_rows,
+    batch_dynamic,
     fuse_linears,
     join_rows,
     mark_dynamic,
@@ -103,8 +104,18 @@ class ZImageTextEncoder:
 # --------------------------------------------------------------------------------------------------------- vae
 class ZImageVae:
     def __init__(self, folder: ModelFolder, dtype: torch.dtype, device: torch.device | str) -> None:
-        self.vae = folder.load("vae", dtype, device)
-        self.device = torch.device(device)
+        self._setup(folder.load("vae", dtype, device))
+
+    @classmethod
+    def from_module(cls, vae: torch.nn.Module, family: str = "z-image") -> ZImageVae:
+        """Over an already-built VAE (benchmarks build full-size ones with random weights)."""
+        stage = cls.__new__(cls)
+        stage._setup(vae)
+        return stage
+
+    def _setup(self, vae: torch.nn.Module) -> None:
+        self.vae = vae
+        self.device = vae.device
         self.dtype = self.vae.dtype
 
     @torch.no_grad()
@@ -310,10 +321,9 @@ def _layer_pre(layer, x, adaln, cos, sin):
     return q, k, v, gate_msa.tanh(), 1.0 + scale_mlp, gate_mlp.tanh()
 
 
-def _layer_post(layer, x, rows, gate_msa, scale_mlp, gate_mlp):
-    """Output projection, norm, gated residual, and the SwiGLU feed-forward with w1 and w3 fused. `rows` is
-    the attention output: one `[B, N, H, D]` tensor, or one `[1, N_b, H, D]` per batch row (zero-filled here)."""
-    joint = join_rows(rows, x.shape[1])
+def _layer_post(layer, x, joint, gate_msa, scale_mlp, gate_mlp):
+    """Output projection, norm, gated residual, and the SwiGLU feed-forward with w1 and w3 fused. `joint` is
+    the attention output `[B, N, H, D]` (per-row outputs already joined, zero-filled after each row's tokens)."""
     x = x + gate_msa * layer.attention_norm2(layer.attention.to_out[0](joint.flatten(2, 3)))
     ff = layer.feed_forward
     gate, up = F.linear(layer.ffn_norm1(x) * scale_mlp, ff.w13_weight).chunk(2, dim=-1)
@@ -366,18 +376,21 @@ class ZImageFastDiT:
         rows = torch.cat([tokens, tokens.new_zeros(batch, fill, tokens.shape[2])], dim=1)
         image = tr.all_x_embedder[PATCH_KEY](rows)
         image = torch.where(inputs.registers, tr.x_pad_token.to(image.dtype), image)
+        for table in (inputs.image_cos, inputs.image_sin, inputs.joint_cos, inputs.joint_sin):
+            batch_dynamic(table)
         for layer in tr.noise_refiner:
-            q, k, v, *mods = pre(layer, image, adaln, inputs.image_cos, inputs.image_sin)
-            image = post(layer, image, [sdpa(q, k, v)], *mods)
+            q, k, v, *mods = pre(layer, batch_dynamic(image), adaln, inputs.image_cos, inputs.image_sin)
+            image = post(layer, image, batch_dynamic(sdpa(q, k, v)), *mods)
         unified = torch.cat([image, inputs.captions], dim=1)
         valid = tuple(image.shape[1] + n for n in caption_lengths)
         mark_dynamic(inputs.joint_cos, 1)
         mark_dynamic(inputs.joint_sin, 1)
         for layer in tr.layers:
-            mark_dynamic(unified, 1)
+            batch_dynamic(unified, 1)
             q, k, v, *mods = pre(layer, unified, adaln, inputs.joint_cos, inputs.joint_sin)
-            rows = [mark_dynamic(r, 1) for r in attention_rows(q, k, v, valid)]
-            unified = post(layer, unified, rows, *mods)
+            # Joined outside the compiled stage: a list of per-row outputs would put the batch in its guards.
+            joint = batch_dynamic(join_rows(attention_rows(q, k, v, valid), unified.shape[1]), 1)
+            unified = post(layer, unified, joint, *mods)
         out = tr.all_final_layer[PATCH_KEY](unified, c=adaln)
         return out[:, : tokens.shape[1]]
 
