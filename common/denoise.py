@@ -237,6 +237,7 @@ class DenoiseStage:
         family = "z-image" if type(transformer).__name__.startswith("ZImage") else "qwen-image"
         self.adapters = AdapterCache(transformer, family)
         self.lora_slot = AdapterSlot(transformer)
+        self._base_scheduler_config = dict(self.scheduler_config)
 
     def use_loras(self, loras: Sequence[tuple[str, float]]) -> None:
         """Merge the job's adapter set (load what the cache lacks); the base weights come back exactly as
@@ -244,6 +245,13 @@ class DenoiseStage:
         adapters = [(self.adapters.get(path), scale) for path, scale in loras]
         key = tuple((self.adapters.key(path), scale) for path, scale in loras)
         self.lora_slot.use(key, adapters)
+        # A distilled adapter's NAME.json shift (the first in the set that has one) replaces the dynamic shift,
+        # as `FlowMatchEulerDiscreteScheduler.from_config(config, shift=s, use_dynamic_shifting=False)` does.
+        shift = next((adapter.scheduler_shift for adapter, _ in adapters if adapter.scheduler_shift), None)
+        config = dict(self._base_scheduler_config)
+        if shift is not None:
+            config.update(shift=shift, use_dynamic_shifting=False)
+        self.scheduler_config = config
 
     def run(self, job: DenoiseJob, hooks: StepHooks | None = None, sharding: Sharding = LOCAL) -> torch.Tensor:
         """One job: a batch of one (a stop raises `Cancelled`)."""

@@ -15,9 +15,16 @@ import PIL.Image
 import torch
 from imagegen.common.checkpoint import ModelFolder, open_model_folder, parse_device, parse_dtype
 from imagegen.common.denoise import DenoiseJob, StepHooks
+from imagegen.common.errors import InvalidArgument
 from imagegen.common.families import Family, get_family
 from imagegen.common.images import to_float_array
-from imagegen.common.lora.registry import LoraRegistry, check_lora_scales, resolve_source, with_lora_defaults
+from imagegen.common.lora.registry import (
+    LoraRegistry,
+    check_lora_scales,
+    read_defaults,
+    resolve_source,
+    with_lora_defaults,
+)
 from imagegen.common.options import Limits, RequestOptions, ResolvedOptions, resolve_options
 from imagegen.common.validation import check_lora_fit
 
@@ -61,9 +68,15 @@ class Pipeline:
         return loras
 
     def with_lora_defaults(self, options: RequestOptions, specs: Sequence[tuple[str, float]]) -> RequestOptions:
-        """Unset steps / guidance scale from the named adapters' NAME.json (paths bring no defaults)."""
-        names = [spec for spec, _ in specs if spec in self.loras.names()]
-        return with_lora_defaults(options, [self.loras.defaults(name) for name in names])
+        """Unset steps / guidance scale from the adapters' NAME.json (beside each NAME.safetensors)."""
+        defaults = []
+        for i, (spec, _) in enumerate(specs):
+            path = resolve_source(spec, self.loras, f"loras[{i}].name")
+            try:
+                defaults.append(read_defaults(path.with_suffix(".json")))
+            except ValueError as exc:  # also a malformed JSON file
+                raise InvalidArgument(f"loras[{i}].name", str(exc)) from exc
+        return with_lora_defaults(options, defaults)
 
     def resolve(self, options: RequestOptions, images: Sequence[PIL.Image.Image] = ()) -> ResolvedOptions:
         return resolve_for(self.family, options, images)

@@ -99,6 +99,34 @@ def test_one_and_two_adapters_equal_diffusers_and_nothing_stays_merged(labs, fam
         assert torch.equal(after.outputs[key], output), key
 
 
+def test_name_json_scheduler_shift_equals_diffusers_with_that_scheduler(labs) -> None:
+    """A distilled adapter's NAME.json `scheduler_shift`: the schedule diffusers runs with
+    `FlowMatchEulerDiscreteScheduler.from_config(config, shift=s, use_dynamic_shifting=False)`."""
+    import shutil
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    lab = labs("qwen-image")
+    distilled = lab.lora_dir / "distilled.safetensors"
+    shutil.copy(lab.lora_dir / "first.safetensors", distilled)
+    distilled.with_suffix(".json").write_text(json.dumps({"scheduler_shift": 3.0, "steps": 4}))
+    outputs, hooks = _recorder()
+    unset_steps = lab.case.with_options(steps=None)  # distilled.json gives them
+    ours = Run(lab.ours(unset_steps.options, unset_steps.images(), hooks, loras=[("distilled", 1.3)]), outputs)
+    original = lab.reference.scheduler
+    lab.reference.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        original.config, shift=3.0, use_dynamic_shifting=False
+    )
+    try:
+        reference = lab.diffusers([("first", 1.3)], lab.case.with_options(steps=4))
+    finally:
+        lab.reference.scheduler = original
+    assert_parity(ours, reference)
+    unshifted = lab.diffusers([("first", 1.3)], lab.case.with_options(steps=4))
+    # The shift did change the schedule (with 2 steps it could not: shift_terminal pins the last sigma).
+    assert compare_runs(ours, unshifted)["image"] > 1e-3
+
+
 def test_fast_kernels_see_the_merge_through_their_fused_weights(labs) -> None:
     """The fast path's fused QKV / W13 buffers are views of the linears' weights: merging writes them too."""
     lab = labs("z-image")
@@ -186,7 +214,8 @@ def test_files_that_are_not_loras_for_this_model_are_refused(tmp_path, qwen_tran
 
 def test_registry_names_scales_and_defaults(tmp_path) -> None:
     (tmp_path / "lightning.safetensors").write_bytes(b"")
-    (tmp_path / "lightning.json").write_text(json.dumps({"steps": 8, "guidance_scale": 1.0}))
+    (tmp_path / "lightning.json").write_text(json.dumps({"steps": 8, "guidance_scale": 1.0, "scheduler_shift": 3}))
+    (tmp_path / "bad.json").write_text(json.dumps({"scheduler_shift": -1}))
     registry = LoraRegistry(tmp_path)
     assert registry.names() == ["lightning"]
     with pytest.raises(InvalidArgument) as unknown:
@@ -204,6 +233,9 @@ def test_registry_names_scales_and_defaults(tmp_path) -> None:
         assert bad.value.field == field
     options = with_lora_defaults(RequestOptions("x", steps=None, guidance_scale=3.0), [registry.defaults("lightning")])
     assert (options.steps, options.guidance_scale) == (8, 3.0)  # the request's own value wins
+    assert registry.defaults("lightning").scheduler_shift == 3.0
+    with pytest.raises(ValueError, match="scheduler_shift"):
+        registry.defaults("bad")
 
 
 def test_cache_is_bounded_in_bytes_and_reloads_a_replaced_file(tmp_path, qwen_transformer) -> None:

@@ -48,6 +48,7 @@ class Adapter:
 
     source: str
     layers: dict[str, LoraLayer]
+    scheduler_shift: float | None = None  # NAME.json's static shift for the schedule while this adapter is set
 
     @property
     def nbytes(self) -> int:
@@ -63,7 +64,7 @@ class Adapter:
             )
             for name, layer in self.layers.items()
         }
-        return Adapter(self.source, layers)
+        return Adapter(self.source, layers, self.scheduler_shift)
 
 
 def _loader(family: str):

@@ -3,11 +3,14 @@
 
 A directory holds `NAME.safetensors` (the adapter, named by its stem) and optionally `NAME.json`: default
 request options for that adapter (`steps`, `guidance_scale`), so a distilled adapter works with one request
-that sets nothing else. Names are plain file stems; a request can never reach outside the directory.
+that sets nothing else, and `scheduler_shift`: a static shift of the sigmas (the scheduler config's `shift`
+with `use_dynamic_shifting` off, as distilled adapters are run in diffusers) whenever the adapter is in a job's
+set. Names are plain file stems; a request can never reach outside the directory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,7 +30,8 @@ MAX_LORAS = 8  # adapters in one request
 MAX_SCALE = 16.0  # |scale|; diffusers takes any float, a larger one is a typo, not a style
 CACHE_ENV = "IMAGEGEN_LORA_CACHE_MB"
 DEFAULT_CACHE_MB = 4096
-DEFAULT_KEYS = {"steps": int, "guidance_scale": float}
+DEFAULT_KEYS = {"steps": int, "guidance_scale": float, "scheduler_shift": float}
+REQUEST_DEFAULT_KEYS = ("steps", "guidance_scale")  # the RequestOptions fields NAME.json may default
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class LoraDefaults:
 
     steps: int | None = None
     guidance_scale: float | None = None
+    scheduler_shift: float | None = None  # applied by the denoiser (it is part of the adapter set's schedule)
 
 
 def check_lora_name(name: str, field: str) -> None:
@@ -108,6 +113,9 @@ def read_defaults(path: Path) -> LoraDefaults:
             if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and value != int(value)):
                 raise ValueError(f"{path}: {key} must be a number, got {value!r}")
             values[key] = kind(value)
+    shift = values.get("scheduler_shift")
+    if shift is not None and not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"{path}: scheduler_shift must be a positive number, got {shift}")
     return LoraDefaults(**values)
 
 
@@ -160,6 +168,11 @@ class AdapterCache:
                 self._entries.move_to_end(key)
                 return self._entries[key]
             adapter = read_adapter(key[0], self.family)
+            try:
+                defaults = read_defaults(Path(key[0]).with_suffix(".json"))
+            except ValueError as exc:  # also json.JSONDecodeError
+                raise AdapterError(f"{Path(key[0]).stem}.json: {exc}") from exc
+            adapter = dataclasses.replace(adapter, scheduler_shift=defaults.scheduler_shift)
             check_fits(adapter, self.transformer, label or Path(key[0]).name)
             if adapter.nbytes > self.max_bytes:
                 raise AdapterError(
@@ -177,10 +190,8 @@ class AdapterCache:
 def with_lora_defaults(options, defaults: Sequence[LoraDefaults]):
     """`options` (RequestOptions) with unset steps / guidance_scale taken from the first adapter whose
     NAME.json sets them (a distilled adapter brings its own step count)."""
-    import dataclasses
-
     changes = {}
-    for key in DEFAULT_KEYS:
+    for key in REQUEST_DEFAULT_KEYS:
         if getattr(options, key) is None:
             value = next((getattr(d, key) for d in defaults if getattr(d, key) is not None), None)
             if value is not None:

@@ -108,6 +108,8 @@ def lora_info(name: str, defaults) -> common_pb2.LoraInfo:
         info.steps = defaults.steps
     if defaults.guidance_scale is not None:
         info.guidance_scale = defaults.guidance_scale
+    if defaults.scheduler_shift is not None:
+        info.scheduler_shift = defaults.scheduler_shift
     return info
 
 

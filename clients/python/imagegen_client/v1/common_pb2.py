@@ -24,27 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18imagegen/v1/common.proto\x12\x0bimagegen.v1\"|\n\x08Progress\x12!\n\x05stage\x18\x01 \x01(\x0e\x32\x12.imagegen.v1.Stage\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x03 \x01(\x05\x12\x16\n\x0equeue_position\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"f\n\x0c\x45ncodedImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.imagegen.v1.OutputFormat\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\")\n\nLoraWeight\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x01\"f\n\x08LoraInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\x05steps\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x08\n\x06_stepsB\x11\n\x0f_guidance_scale\"\x11\n\x0f\x44\x65scribeRequest\"\xb3\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x18\n\x10template_version\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x13\n\x0breads_cache\x18\x07 \x01(\x08\x12$\n\x05loras\x18\x08 \x03(\x0b\x32\x15.imagegen.v1.LoraInfo*\x8b\x01\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x03\x12\x15\n\x11OUTPUT_FORMAT_NPY\x10\x04*m\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTAGE_QUEUED\x10\x01\x12\x12\n\x0eSTAGE_ENCODING\x10\x02\x12\x13\n\x0fSTAGE_DENOISING\x10\x03\x12\x12\n\x0eSTAGE_DECODING\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18imagegen/v1/common.proto\x12\x0bimagegen.v1\"|\n\x08Progress\x12!\n\x05stage\x18\x01 \x01(\x0e\x32\x12.imagegen.v1.Stage\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x03 \x01(\x05\x12\x16\n\x0equeue_position\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"f\n\x0c\x45ncodedImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.imagegen.v1.OutputFormat\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\")\n\nLoraWeight\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x01\"\x98\x01\n\x08LoraInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\x05steps\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x1c\n\x0fscheduler_shift\x18\x04 \x01(\x01H\x02\x88\x01\x01\x42\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x12\n\x10_scheduler_shift\"\x11\n\x0f\x44\x65scribeRequest\"\xb3\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x18\n\x10template_version\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x13\n\x0breads_cache\x18\x07 \x01(\x08\x12$\n\x05loras\x18\x08 \x03(\x0b\x32\x15.imagegen.v1.LoraInfo*\x8b\x01\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x03\x12\x15\n\x11OUTPUT_FORMAT_NPY\x10\x04*m\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTAGE_QUEUED\x10\x01\x12\x12\n\x0eSTAGE_ENCODING\x10\x02\x12\x13\n\x0fSTAGE_DENOISING\x10\x03\x12\x12\n\x0eSTAGE_DECODING\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imagegen_client.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUTFORMAT']._serialized_start=620
-  _globals['_OUTPUTFORMAT']._serialized_end=759
-  _globals['_STAGE']._serialized_start=761
-  _globals['_STAGE']._serialized_end=870
+  _globals['_OUTPUTFORMAT']._serialized_start=671
+  _globals['_OUTPUTFORMAT']._serialized_end=810
+  _globals['_STAGE']._serialized_start=812
+  _globals['_STAGE']._serialized_end=921
   _globals['_PROGRESS']._serialized_start=41
   _globals['_PROGRESS']._serialized_end=165
   _globals['_ENCODEDIMAGE']._serialized_start=167
   _globals['_ENCODEDIMAGE']._serialized_end=269
   _globals['_LORAWEIGHT']._serialized_start=271
   _globals['_LORAWEIGHT']._serialized_end=312
-  _globals['_LORAINFO']._serialized_start=314
-  _globals['_LORAINFO']._serialized_end=416
-  _globals['_DESCRIBEREQUEST']._serialized_start=418
-  _globals['_DESCRIBEREQUEST']._serialized_end=435
-  _globals['_MODELINFO']._serialized_start=438
-  _globals['_MODELINFO']._serialized_end=617
+  _globals['_LORAINFO']._serialized_start=315
+  _globals['_LORAINFO']._serialized_end=467
+  _globals['_DESCRIBEREQUEST']._serialized_start=469
+  _globals['_DESCRIBEREQUEST']._serialized_end=486
+  _globals['_MODELINFO']._serialized_start=489
+  _globals['_MODELINFO']._serialized_end=668
 # @@protoc_insertion_point(module_scope)
