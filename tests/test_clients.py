@@ -7,9 +7,11 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import grpc
@@ -212,18 +214,34 @@ with ImageClient(gen, api_key=key) as client:
 with ImageClient(edit, api_key=key) as client:
     result = client.edit([image], "make it blue", width=64, height=64, seed=11, steps=2)
     open(out + ".edit.png", "wb").write(result.blobs[0])
+    assert result.array.shape == (1, 64, 64, 3) and result.images[0].size == (64, 64)
 print("torch" in sys.modules)
 """
 
 
-def test_sdk_in_a_fresh_venv_without_torch(servers, tmp_path):
+def _floors(tmp_path: Path) -> Path:
+    """A constraints file pinning every dependency of the client at its declared floor."""
+    project = tomllib.loads((ROOT / "clients" / "python" / "pyproject.toml").read_text())["project"]
+    pins = []
+    for requirement in project["dependencies"]:
+        floor = re.match(r"^([A-Za-z0-9_.-]+)\s*>=\s*([^,;\s]+)", requirement)
+        assert floor, f"{requirement}: every dependency needs a floor"
+        pins.append(f"{floor[1]}=={floor[2]}")
+    path = tmp_path / "floors.txt"
+    path.write_text("\n".join(pins) + "\n")
+    return path
+
+
+def test_sdk_in_a_fresh_venv_without_torch_at_its_floors(servers, tmp_path):
     venv = tmp_path / "venv"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    # No pip inside (ensurepip is the slow part): this venv's pip installs into it (`pip --python`).
+    # No pip inside (ensurepip is the slow part): this venv's pip installs into it (`pip --python`). At the
+    # declared floors, so that the floors are known to work; the main venv runs the newest versions.
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, env=env)
     pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "--disable-pip-version-check"]
     start = time.monotonic()
-    subprocess.run([*pip, "install", "-q", str(ROOT / "clients" / "python")], check=True, env=env, cwd=tmp_path)
+    install = [*pip, "install", "-q", "-c", str(_floors(tmp_path)), str(ROOT / "clients" / "python")]
+    subprocess.run(install, check=True, env=env, cwd=tmp_path)
     print(f"pip install ./clients/python: {time.monotonic() - start:.1f}s")
     assert subprocess.run([*pip, "show", "torch"], env=env, capture_output=True).returncode != 0
     image = tmp_path / "in.png"
