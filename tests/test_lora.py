@@ -341,3 +341,17 @@ def test_helm_chart_points_the_denoiser_at_the_models_lora_folder(tmp_path) -> N
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             lora_dirs[doc["metadata"]["labels"]["imagegen/model"]] = env.get("IMAGEGEN_LORA_DIR")
     assert lora_dirs == {"qwen-image": "/models/loras/qwen", "z-image": None}
+
+
+def test_jobs_with_different_adapter_sets_never_share_a_batch(labs) -> None:
+    from imagegen.common.batching import batch_key
+
+    lab = labs("qwen-image")
+    pipeline = lab.ours
+    job = pipeline.job(pipeline.resolve(lab.case.options))
+    one, two = (dataclasses.replace(job, loras=pipeline.lora_set(s)) for s in (ONE, TWO))
+    rescaled = dataclasses.replace(job, loras=pipeline.lora_set([("first", 0.5)]))
+    keys = [batch_key(j) for j in (job, one, two, rescaled)]
+    assert len(set(keys)) == 4 and batch_key(dataclasses.replace(one)) == keys[1]
+    with pytest.raises(ValueError, match="different LoRA sets"):  # the stage refuses a mixed batch outright
+        pipeline.denoiser.run_batch([job, one], [None, None])
