@@ -90,8 +90,12 @@ def test_openai_generate_and_edit_equal_grpc(servers):
         expected = client.generate("a red fox", **SMALL_GRPC).blobs[0]
     http = _openai(servers["gen"])
     extra = {"seed": SMALL["seed"], "num_inference_steps": SMALL["num_inference_steps"]}
+    labels = {"service": "imagegen.v1.ImageService", "method": "GenerateImage", "code": "OK"}
+    counted = servers["gen"].metric("imagegen_requests_total", **labels)
     generated = http.images.generate(prompt="a red fox", model="tiny-qwen", size="64x64", extra_body=extra)
     assert generated.data[0].b64_json and generated.size == "64x64"
+    # The HTTP request ran through the servicer method a gRPC call runs through: the same metrics count it.
+    assert servers["gen"].metric("imagegen_requests_total", **labels) == counted + 1
     assert np.array_equal(_pixels(base64.b64decode(generated.data[0].b64_json)), _pixels(expected))
 
     image = _png()
