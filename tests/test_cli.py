@@ -102,7 +102,11 @@ BAD_INPUTS = {
     "missing-image": (["edit", "--image", "/no/such.png"], "image: no such file"),
     "unreadable-image": (["edit", "--image", "{bad_image}"], "image: not a readable image"),
     "edit-two-images": (["edit", "--image", "{good_image}", "--image", "{good_image}"], "images: qwen-image-edit"),
-    "sp-not-dividing-heads": (["generate", "--sp", "3"], "--sp 3 does not divide the model's 4 attention heads"),
+    "ulysses-not-dividing-heads": (
+        ["generate", "--sp", "6", "--ulysses", "3"],
+        "--ulysses 3 does not fit --sp 6 on a model with 4 attention heads (U must divide both); "
+        "valid for --sp 6: --ulysses 2, --ulysses 1",
+    ),
 }
 
 

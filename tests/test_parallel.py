@@ -167,7 +167,9 @@ def test_ulysses_degree_not_dividing_the_heads_fails_at_start_up() -> None:
 def test_failed_rank_fails_the_group_fast(tmp_path, fault: str) -> None:
     out = tmp_path / "out.npy"
     command = [sys.executable, "-m", "imagegen.cli", "generate", "--family", "qwen-image", "--prompt", "x"]
-    command += ["--width", "64", "--height", "64", "--steps", "4", "--sp", "2", "--collective-timeout", "20"]
+    # --ulysses 1: the group is a ring of 2, so a rank that dies or hangs mid-ring must fail the group too.
+    command += ["--width", "64", "--height", "64", "--steps", "4", "--sp", "2", "--ulysses", "1"]
+    command += ["--collective-timeout", "20"]
     command += ["--output", str(out)]
     env = {**os.environ, "IMAGEGEN_FAULT_INJECT": f"1:2:{fault}", "IMAGEGEN_TESTING": "1"}
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)

@@ -1,9 +1,9 @@
 """The denoiser service hosting a process group: rank 0 serves gRPC, the other ranks follow it.
 
 Two denoisers of one tiny Qwen-Image checkpoint sit behind one gateway: one spawns its sequence-parallel
-group itself (`serve denoiser --sp 2`), the other is started by torchrun as the Helm chart does
-(`torchrun --nproc-per-node=2 ... serve denoiser --cfg-parallel`). Both must give the one-process image, and a
-cancelled stream must stop the whole group at a step boundary with the next request still exact.
+group itself (`serve denoiser --sp 2 --ulysses 1`: a ring of two), the other is started by torchrun as the Helm
+chart does (`torchrun --nproc-per-node=2 ... serve denoiser --cfg-parallel`). Both must give the one-process
+image, and a cancelled stream must stop the whole group at a step boundary with the next request still exact.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def gateway(tmp_path_factory):
     services = {
         "encoder": Service("encoder", "encoder", model, logs),
         "vae": Service("vae", "vae", model, logs),
-        "sp2": Service("denoiser-sp2", "denoiser", [*model, "--sp", "2"], logs),
+        # --ulysses 1: the two ranks are a ring (issue 13); IMAGEGEN_ULYSSES reaches the service as a flag.
+        "sp2": Service("denoiser-sp2", "denoiser", [*model, "--sp", "2", "--ulysses", "1"], logs),
         "cfg2": TorchrunService("denoiser-cfg2", 2, [*model, "--cfg-parallel"], logs),
     }
     try:
