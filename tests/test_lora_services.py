@@ -106,3 +106,30 @@ def test_bad_adapters_are_invalid_argument_naming_the_field(served) -> None:
             details = parse_error(error.value)
             assert details.code == grpc.StatusCode.INVALID_ARGUMENT, details.message
             assert [f for f, _ in details.field_violations] == [field], details.message
+
+
+def test_http_api_loras_extension_equals_grpc(served) -> None:
+    import base64
+
+    import requests
+
+    server, _, _ = served
+    body = {
+        "prompt": "a lighthouse in fog",
+        "size": "64x64",
+        "num_inference_steps": 2,
+        "seed": 9,
+        "negative_prompt": "blurry",
+        "guidance_scale": 4.0,
+        "loras": {"ink": 0.7, "neon": 1.3},
+    }
+    url = f"http://127.0.0.1:{server.http_port}/v1/images/generations"
+    answer = requests.post(url, json=body, timeout=240)
+    assert answer.status_code == 200, answer.text
+    png = base64.b64decode(answer.json()["data"][0]["b64_json"])
+    with ImageClient(server.address, timeout=240) as client:
+        options = dict(REQUEST, steps=2, seed=9, loras={"ink": 0.7, "neon": 1.3})
+        expected = client.generate(body["prompt"], **options).blobs[0]
+    assert png == expected
+    unknown = requests.post(url, json={**body, "loras": {"nope": 1.0}}, timeout=60)
+    assert unknown.status_code == 400 and "nope" in unknown.json()["error"]["message"], unknown.text
