@@ -33,6 +33,7 @@ API_KEY = "platform-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 SMALL = {"size": "64x64", "seed": 11, "num_inference_steps": 2}  # HTTP spelling
 SMALL_GRPC = {"width": 64, "height": 64, "seed": 11, "steps": 2}
+SMALL_EXTRA = {"seed": 11, "num_inference_steps": 2}  # our options, in openai's extra_body
 
 
 def _stages() -> list[str]:
@@ -128,6 +129,12 @@ def test_openai_stream_sends_progress_then_the_image(servers):
     steps = [e.step for e in events if e.type == "image_generation.progress" and e.stage == "denoising"]
     assert steps[-1] == 2, kinds  # progress counts the two steps
     assert np.array_equal(_pixels(base64.b64decode(events[-1].b64_json)), _pixels(expected))
+    edit_stream = _openai(servers["edit"]).images.edit(
+        image=[("a.png", _png(1), "image/png")], prompt="blue", size="64x64", stream=True, extra_body=SMALL_EXTRA
+    )
+    edit_events = list(edit_stream)
+    assert {e.type for e in edit_events[:-1]} == {"image_edit.progress"}
+    assert edit_events[-1].type == "image_edit.completed" and edit_events[-1].size == "64x64"
 
 
 def test_openai_errors_map_to_the_openai_exceptions(servers):
