@@ -1,4 +1,5 @@
-"""All four services in one process: the gateway on --port, the stages on 127.0.0.1 (--encoder/--denoiser/--vae).
+"""All four services in one process: the gateway on --port (and its HTTP API on --http-port, 8000 by default here),
+the stages on 127.0.0.1 (--encoder/--denoiser/--vae).
 
 Also where each single service becomes its listening endpoint, so `serve` has one code path.
 """
