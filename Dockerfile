@@ -22,7 +22,7 @@
 #
 # Runtime contract with the chart: uid/gid 10001 (non-root), everything works on a read-only root filesystem
 # given writable /tmp and /cache (HOME and the Hugging Face / torch / triton / imagegen caches point there), the
-# ports of docs/services.md (gRPC 50051-50054, metrics 9100-9103), and no health-check instruction (Kubernetes
+# ports of docs/services.md (gRPC 50051-50054, HTTP 8000, metrics 9100-9103), and no health-check instruction (Kubernetes
 # uses native gRPC probes on grpc.health.v1).
 
 ARG PYTHON_VERSION=3.11
@@ -83,6 +83,6 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 USER 10001:10001
 WORKDIR /cache
-EXPOSE 50051 50052 50053 50054 9100 9101 9102 9103
+EXPOSE 50051 50052 50053 50054 8000 9100 9101 9102 9103
 ENTRYPOINT ["imagegen"]
 CMD ["--help"]
