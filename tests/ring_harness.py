@@ -97,7 +97,7 @@ def text_through_ring(self, q, keys_values, mine, replicated_first):
     if mine is None:
         return _ordered(self, q, keys_values, mine, replicated_first)
     text = torch.stack([mine.k, mine.v])
-    blocks = self.pass_blocks(torch.cat([text, keys_values], dim=2))
+    blocks = self.gather_blocks(torch.cat([text, keys_values], dim=2))
     rows = len(mine)
     keep = [torch.cat([torch.arange(rows), rows + self.real_rows[j].cpu()]) for j in range(len(blocks))]
     k, v = (torch.cat([b[i].index_select(1, idx) for b, idx in zip(blocks, keep, strict=True)], 1) for i in (0, 1))

@@ -4,8 +4,9 @@ Per attention call on sequence-parallel rank s (Ulysses rank u, ring rank r), wi
 `[B, n, H, D]` and replicated heads `[B, L, H, D]`:
 1. all-to-all the sharded part inside the Ulysses group: this rank gets the U local blocks of ranks
    r*U .. r*U+U-1 (rank-major, padding rows included) for its H/U heads (skipped when U = 1);
-2. R ring steps: the stacked key/value block is passed on to the next ring rank while this rank works on the
-   block it holds; every block is kept by its source ring position, never by arrival;
+2. the stacked key/value blocks of the R ring ranks are exchanged, each kept by its source ring position, never
+   by arrival: all-gathered over the ring group ("ordered") or passed on to the next ring rank step by step while
+   this rank attends over the block it holds ("lse");
 3. the replicated keys/values, sliced to this rank's heads, are used locally, once: they never enter the
    all-to-all nor the ring, so every replicated key counts exactly once, where one process has it (before the
    image tokens for Qwen, after them for Z-Image);
@@ -14,8 +15,9 @@ Per attention call on sequence-parallel rank s (Ulysses rank u, ring rank r), wi
      runs over [replicated, image] keys for this rank's queries, exactly as one process runs it for those rows:
      the result has one process's bits (as Ulysses alone has);
    - "lse": each block is attended as it arrives (padding keys dropped) and the partial results are merged by
-     log-sum-exp in a fixed order (replicated, then source blocks 0..R-1; replicated last for Z-Image). Keys and
-     values never need more than two blocks of memory; the result is one process's up to float rounding;
+     log-sum-exp in a fixed order (replicated, then source blocks 0..R-1; replicated last for Z-Image): the
+     exchange overlaps the attention, and the result is one process's up to float rounding (on the CPU in fp32
+     ~1e-6 on the images of the tiny test models, as far as an exact float64 attention is from one process);
 5. all-to-all the image output back; all-gather the replicated output over the Ulysses heads. Every ring rank
    computes the replicated queries' output from the same blocks in the same order: the same bits everywhere.
 """
@@ -83,6 +85,13 @@ class UlyssesRingAttention:
         lo, hi = self.ulysses_rank * per_rank, (self.ulysses_rank + 1) * per_rank
         return Heads(heads.q[:, :, lo:hi], heads.k[:, :, lo:hi], heads.v[:, :, lo:hi])
 
+    def gather_blocks(self, keys_values: torch.Tensor) -> list[torch.Tensor]:
+        """Every ring position's stacked `[2, B, rows, h, D]` key/value block, by position (one all-gather: a
+        collective like the all-to-all, so CUDA graphs capture it the same way)."""
+        blocks = [torch.empty_like(keys_values) for _ in range(self.layout.ring)]
+        dist.all_gather(blocks, keys_values.contiguous(), group=self.ring.group)  # group ranks = ring positions
+        return blocks
+
     def pass_blocks(self, keys_values: torch.Tensor, visit=None) -> list[torch.Tensor]:
         """Pass this rank's stacked `[2, B, rows, h, D]` key/value block around the ring; returns every ring
         position's block by position. `visit(source, block)` runs on each block while the next one travels."""
@@ -101,7 +110,7 @@ class UlyssesRingAttention:
     def _ordered(
         self, q: torch.Tensor, keys_values: torch.Tensor, mine: Heads | None, replicated_first: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        every_row = torch.cat(self.pass_blocks(keys_values), dim=2)
+        every_row = torch.cat(self.gather_blocks(keys_values), dim=2)
         k, v = (every_row[i].index_select(1, self.one_process_order) for i in (0, 1))
         if mine is None:
             return sdpa(q, k, v), None
