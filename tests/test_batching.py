@@ -327,7 +327,7 @@ def test_gpu_benchmark_smoke() -> None:
     `--max-batch 1` against batched) on the CPU with the tiny checkpoints; batches form and every batched
     image equals the same request's image alone."""
     command = [sys.executable, "bench/batching_gpu.py", "--smoke", "--workloads", "qwen-image-512,z-image-turbo-512"]
-    command += ["--callers", "3", "--requests", "3", "--max-batch", "3", "--check", "3"]
+    command += ["--callers", "3", "--requests", "3", "--warm", "3", "--max-batch", "3", "--check", "3"]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"workload"')]
