@@ -6,7 +6,9 @@ denoiser and VAE on their internal APIs, so a stage reached directly refuses wha
 * tensors against the loaded model (`ModelInputs`, asked of the family's denoise stage): names, ranks, dtypes,
   finiteness, the embedding width, token counts against the RoPE tables, condition latents against their grids;
 * inputs and outputs: image count and bytes (`check_image_blobs`; decoding limits are in `imagegen.common.images`), and
-  the response size, estimated before any work (`check_response_size`).
+  the response size, estimated before any work (`check_response_size`);
+* LoRA adapters: names, scales and count (`imagegen.common.lora.registry.check_lora_weights`), and each file
+  against the loaded transformer (`check_lora_fit`).
 
 Failures raise `InvalidArgument(field)` (INVALID_ARGUMENT with a BadRequest naming the field), or
 `ResponseTooLarge` (RESOURCE_EXHAUSTED).
