@@ -48,9 +48,7 @@ class SequenceParallelLayout:
 
 def valid_layouts(sp: int, num_heads: int) -> list[SequenceParallelLayout]:
     """Every U x R = sp with U dividing the head count, largest U first."""
-    return [
-        SequenceParallelLayout(u, sp // u) for u in range(sp, 0, -1) if sp % u == 0 and num_heads % u == 0
-    ]
+    return [SequenceParallelLayout(u, sp // u) for u in range(sp, 0, -1) if sp % u == 0 and num_heads % u == 0]
 
 
 def choose_layout(sp: int, num_heads: int, ulysses: int | None = None) -> SequenceParallelLayout:
@@ -75,7 +73,8 @@ def image_tokens(width: int, height: int) -> int:
 
 
 def check_request_fits(width: int, height: int, sp: int) -> None:
-    """A request must give every sequence-parallel rank at least one image token."""
+    """A request needs at least P image tokens (P ranges from 1 to the token count). Ranks past the last block of
+    a segment that does not divide hold padding rows only, which attention masks as elsewhere."""
     tokens = image_tokens(width, height)
     if tokens < sp:
         raise InvalidArgument(
