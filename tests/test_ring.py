@@ -61,7 +61,7 @@ def case_for(name: str, sp: int) -> Case:
 LEAN = [
     (6, 4, None, True, ["qwen-image-cfg", "qwen-image-no-negative", "qwen-image-non-square"]),  # 2x2, x2 CFG
     (6, 8, None, False, ["qwen-image-non-square", "z-image-cfg-norm-truncation"]),  # 2x4
-    (6, 4, None, False, ["z-image-turbo", "qwen-image-edit-plus-two-images"]),  # 2x2
+    (4, 4, 2, False, ["qwen-image-edit-plus-two-images"]),  # 2x2 by --ulysses 2 (4 x 1 by default)
     (4, 3, None, True, ["qwen-image-cfg", "z-image-cfg-norm-truncation"]),  # 1x3, x2 CFG
     (4, 6, None, False, ["qwen-image-edit-cfg", "z-image-turbo"]),  # 2x3
     (4, 2, 1, True, ["qwen-image-edit-2511-zero-cond-t", "qwen-image-non-square"]),  # 1x2, x2 CFG
