@@ -138,6 +138,7 @@ def test_ulysses_ring_equals_single_process(entry) -> None:
     results = run_in_group(heads, sp, ulysses, cfg, names)
     print({name: f"image {d:.3g} cosine {c:.9f} {layout}" for name, (d, c, layout) in results.items()})
     for name, (image_diff, worst_cosine, layout) in results.items():
+        assert layout == choose_layout(sp, heads, ulysses), f"{name}: the checkpoint has other heads than {heads}"
         assert image_diff <= IMAGE_TOLERANCE, f"{name} at {layout}: image max |diff| {image_diff:.3g}"
         assert worst_cosine >= MIN_COSINE, f"{name} at {layout}: step output cosine {worst_cosine:.9f}"
 
