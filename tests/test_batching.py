@@ -9,6 +9,7 @@ against runs made in this session.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import json
@@ -30,6 +31,7 @@ from imagegen.common.parallel.launch import local_group
 from imagegen.common.pipeline import Pipeline
 from imagegen.common.serving.jobs import Batching, JobQueue
 from imagegen.common.tiny import tiny_checkpoint_cached
+from prometheus_client import REGISTRY
 from torch._dynamo.utils import counters
 
 from tests.parity import LONG_NEGATIVE, THREADS, max_diff
@@ -295,8 +297,6 @@ def test_queue_member_cancelled_mid_batch_stops_alone() -> None:
 
 
 def _histogram_count(name: str) -> float:
-    from prometheus_client import REGISTRY
-
     return REGISTRY.get_sample_value(f"{name}_count") or 0.0
 
 
@@ -335,3 +335,92 @@ def test_gpu_benchmark_smoke() -> None:
     assert [r["workload"] for r in results] == ["qwen-image-512", "z-image-turbo-512"]
     for r in results:
         assert r["verdict"] == "pass" and r["batched_mean_batch"] > 1 and r["max_abs_diff"] <= TOLERANCE, r
+
+
+def test_batching_flags_and_defaults(monkeypatch) -> None:
+    """`--max-batch` wins; unset it is 1 on the CPU and CUDA_MAX_BATCH on CUDA; the env sets both flags; a
+    negative or non-finite wait is refused."""
+    from imagegen.services.denoiser import max_batch
+    from imagegen.services.flags import CUDA_MAX_BATCH, denoiser_flags
+
+    def parse(*argv: str):
+        parser = argparse.ArgumentParser()
+        denoiser_flags(parser)
+        return parser.parse_args(list(argv))
+
+    monkeypatch.delenv("IMAGEGEN_MAX_BATCH", raising=False)
+    monkeypatch.delenv("IMAGEGEN_BATCH_WAIT_MS", raising=False)
+    args = parse()
+    assert max_batch(args, "cpu") == 1 and max_batch(args, "cuda:0") == CUDA_MAX_BATCH
+    assert args.batch_wait_ms == 10.0
+    assert max_batch(parse("--max-batch", "3"), "cpu") == 3
+    monkeypatch.setenv("IMAGEGEN_MAX_BATCH", "5")
+    monkeypatch.setenv("IMAGEGEN_BATCH_WAIT_MS", "0")
+    args = parse()
+    assert max_batch(args, "cuda") == 5 and args.batch_wait_ms == 0.0
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            parse("--batch-wait-ms", bad)
+    with pytest.raises(SystemExit):
+        parse("--max-batch", "0")
+
+
+def test_service_caller_leaving_mid_batch() -> None:
+    """Through the real `DenoiserServicer` and gRPC: three callers share a batch; one cancels its RPC after
+    its first step. Its job stops (counted cancelled) and the two others get exactly the latents they get
+    alone."""
+    import grpc
+    from imagegen.common.families import get_family
+    from imagegen.common.serving.convert import resolved_from_proto
+    from imagegen.common.serving.hosting import HostedModel
+    from imagegen.common.wire import LATENTS, unpack
+    from imagegen.services.denoiser import DenoiserServicer
+
+    from bench.batching_gpu import WORKLOADS, requests, service_args
+    from imagegen.v1 import denoiser_pb2_grpc
+
+    workload = WORKLOADS["qwen-image-512"]
+    denoiser = pipeline("qwen-image", "fast").denoiser
+    folder = pipeline("qwen-image", "fast").folder
+    calls = requests(workload, 3, denoiser.dit.transformer.config.joint_attention_dim, 64, 6, torch.float32)
+    for call in calls:
+        call.progress = True
+    args = service_args(folder, workload, 3, 2000.0, True, "off")
+    model = HostedModel(folder, get_family("qwen-image"), "tiny", torch.float32, "cpu")
+    cancelled_before = REGISTRY.get_sample_value("imagegen_denoise_jobs_total", {"outcome": "cancelled"}) or 0.0
+    batches_before = _histogram_count("imagegen_denoise_batch_size")
+
+    async def scenario() -> list:
+        servicer = DenoiserServicer(args, model, engine=denoiser)
+        await servicer.prepare()
+        server = grpc.aio.server()
+        denoiser_pb2_grpc.add_DenoiserServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = denoiser_pb2_grpc.DenoiserServiceStub(channel)
+
+                async def caller(index: int):
+                    call = stub.Denoise(calls[index])
+                    async for event in call:
+                        if event.WhichOneof("event") == "latents":
+                            return unpack(event.latents, LATENTS, "latents")
+                        if index == 2 and event.progress.step == 1:
+                            call.cancel()
+                            return "left"
+                    return await call.code()
+
+                return await asyncio.gather(*(caller(i) for i in range(3)))
+        finally:
+            await server.stop(None)
+            await servicer.close()
+
+    first, second, third = asyncio.run(scenario())
+    assert third == "left"
+    assert _histogram_count("imagegen_denoise_batch_size") == batches_before + 1
+    assert REGISTRY.get_sample_value("imagegen_denoise_jobs_total", {"outcome": "cancelled"}) == cancelled_before + 1
+    for call, latents in zip(calls[:2], (first, second), strict=True):
+        job = DenoiseJob(resolved_from_proto(call.options), unpack(call.prompt_embeds.safetensors, "embeds", "p"))
+        job.negative_embeds = unpack(call.negative_embeds.safetensors, "embeds", "n")
+        assert max_diff(latents, denoiser.run(job)) <= TOLERANCE
