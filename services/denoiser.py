@@ -209,9 +209,11 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
         size = max_batch(self.args, self.model.device)
         if size <= 1:
             return None
-        wait_ms = getattr(self.args, "batch_wait_ms", BATCH_WAIT_MS)
-        log.info("denoiser batches up to %d jobs, waiting at most %.1f ms for them", size, wait_ms)
-        return Batching(size, wait_ms / 1000, self._run_batch)
+        wait_s = getattr(self.args, "batch_wait_ms", BATCH_WAIT_MS) / 1000
+        if isinstance(self.engine, GroupEngine):  # no heartbeat goes out while the worker waits for a batch
+            wait_s = min(wait_s, self.engine.heartbeat_s)
+        log.info("denoiser batches up to %d jobs, waiting at most %.1f ms for them", size, wait_s * 1000)
+        return Batching(size, wait_s, self._run_batch)
 
     def _group_failed(self, reason: str) -> None:
         """From the queue's thread: fail the waiting jobs at once and take the process down (exit status 1)."""

@@ -40,6 +40,8 @@ BatchWork = Callable[[list[Any], list[StepHooks]], list[Any]]
 
 @dataclass(frozen=True)
 class Batching:
+    """How the worker forms batches: at most `max_size` jobs, at most `wait_s` waited for them, run by `run`."""
+
     max_size: int
     wait_s: float
     run: BatchWork
