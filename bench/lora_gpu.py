@@ -10,6 +10,9 @@ random rank-R adapters covering every block linear are written as bf16 safetenso
   A -> B, B -> A + B, A + B -> none), adapters already in the cache (target <= 0.5 s); `load_s`: first read
   of an adapter file onto the device (cold cache);
 * `restored_bitwise`: the latents of a base run after the adapters equal the first base run's bit for bit;
+* fidelity: the merged fast path's final latents against PEFT's arithmetic (side terms on the base weights, on
+  the reference kernels) with adapter A, next to the fast path against the reference kernels without adapters
+  (cosine and max |diff|; merging rounds `W + delta` to the model dtype once, as diffusers' `fuse_lora` does);
   `saved_gib`: the copy of the touched weights kept while a set is merged, `peak_gib`: CUDA peak memory.
 
     python bench/lora_gpu.py [--workloads qwen-image-1024,z-image-turbo-1024] [--rank 32] [--runs 3]
@@ -31,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -87,6 +91,42 @@ def build_transformer(family: str, smoke: bool, folder):
     return _scaled_linears(_build(ZImageTransformer2DModel, config, 1), 0.5)
 
 
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return (a @ b / (a.norm() * b.norm())).item()
+
+
+def merge_fidelity(family, stage, transformer, folder, job, loras, base: torch.Tensor) -> dict:
+    """What merging costs in the model dtype: the merged fast path against PEFT's own arithmetic (base weights,
+    `out + scale * scaling * B(A(x))` added by a forward hook on each adapted linear) on the reference kernels,
+    next to the fast path's own rounding against the reference kernels without adapters."""
+    merged = stage.run(dataclasses.replace(job, loras=loras))
+    stage.use_loras(())  # the base weights back: the side terms go on top of them
+    reference = family.denoiser.from_transformer(transformer, folder.scheduler_config(), "reference", "off")
+    base_reference = reference.run(job)
+    hooks = []
+    for path, scale in loras:
+        adapter = stage.adapters.get(path)
+        for module, layer in adapter.layers.items():
+
+            def side_term(linear, args, out, layer=layer, scale=scale):
+                x = args[0].to(layer.down.dtype)
+                return out + (F.linear(F.linear(x, layer.down), layer.up) * (scale * layer.scaling)).to(out.dtype)
+
+            hooks.append(transformer.get_submodule(module).register_forward_hook(side_term))
+    try:
+        side_terms = reference.run(job)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return dict(
+        lora_cosine=round(cosine(merged, side_terms), 9),
+        lora_max_abs=float(f"{float((merged.float() - side_terms.float()).abs().max()):.3g}"),
+        base_cosine=round(cosine(base, base_reference), 9),
+        base_max_abs=float(f"{float((base.float() - base_reference.float()).abs().max()):.3g}"),
+    )
+
+
 def bench_workload(name: str, args, out_dir: Path) -> dict:
     family_name, variant, size, steps, job_index = WORKLOADS[name]
     from imagegen.common.tiny import tiny_checkpoint_cached
@@ -135,6 +175,8 @@ def bench_workload(name: str, args, out_dir: Path) -> dict:
     stage.use_loras(sets["a+b"])
     saved_gib = stage.lora_slot.saved_bytes / 2**30
     again, _ = run(())
+    fidelity = merge_fidelity(family, stage, transformer, folder, job, sets["a"], base)
+    emit(workload=name, event="fidelity", **fidelity)
     summary = dict(
         workload=name,
         event="summary",
@@ -146,6 +188,8 @@ def bench_workload(name: str, args, out_dir: Path) -> dict:
         switch_median_s=round(statistics.median(switches), 4),
         switch_max_s=round(max(switches), 4),
         restored_bitwise=bool(torch.equal(again, base)),
+        merged_vs_side_terms_cosine=fidelity["lora_cosine"],
+        fast_vs_reference_cosine=fidelity["base_cosine"],
         saved_gib=round(saved_gib, 3),
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
     )

@@ -300,6 +300,8 @@ def test_gpu_benchmark_smoke(capsys) -> None:
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     summary = next(line for line in lines if line["event"] == "summary")
     assert summary["restored_bitwise"] and summary["saved_gib"] > 0
+    fidelity = next(line for line in lines if line["event"] == "fidelity")
+    assert 0 < fidelity["lora_max_abs"] <= 1e-4  # merged vs PEFT's side terms: rounding only (float32 here)
     assert {line["after"] for line in lines if line["event"] == "switch"} == {"a", "b", "a+b", "none"}
 
 
