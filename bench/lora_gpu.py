@@ -15,7 +15,7 @@ random rank-R adapters covering every block linear are written as bf16 safetenso
   (cosine and max |diff|; merging rounds `W + delta` to the model dtype once, as diffusers' `fuse_lora` does);
   `saved_gib`: the copy of the touched weights kept while a set is merged, `peak_gib`: CUDA peak memory.
 
-    python bench/lora_gpu.py [--workloads qwen-image-1024,z-image-turbo-1024] [--rank 32] [--runs 3]
+    python bench/lora_gpu.py [--workloads qwen-image-1024,z-image-turbo-1024] [--rank 32] [--runs 2]
     python bench/lora_gpu.py --smoke      # the same code on the CPU with the tiny checkpoints (CI runs it)
 
 One JSON line per measurement, then a `summary` line per workload with `ok` against both targets.
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--compile", choices=["on", "off"], default="on", help="the fast path's compiled blocks")
     parser.add_argument("--smoke", action="store_true", help="tiny checkpoints on the CPU (CI)")
     args = parser.parse_args(argv)
