@@ -18,7 +18,7 @@ from imagegen.common.errors import InvalidArgument
 from imagegen.common.lora import AdapterCache, AdapterError, LoraRegistry, read_adapter
 from imagegen.common.lora.files import check_fits
 from imagegen.common.lora.registry import check_lora_weights, with_lora_defaults
-from imagegen.common.lora.tiny import make_tiny_lora, random_lora
+from imagegen.common.lora.tiny import adapted_linears, make_tiny_lora, random_lora
 from imagegen.common.options import RequestOptions
 from imagegen.common.parallel.launch import local_group
 from imagegen.common.pipeline import Pipeline
@@ -182,6 +182,26 @@ def test_peft_metadata_sets_the_scaling_and_kohya_alpha_is_folded(tmp_path, qwen
         down = tensors[next(k for k in tensors if "blocks.0.attn.to_q.lora_" in k and ("A" in k or "down" in k))]
         assert torch.allclose(delta, expected @ down.double(), atol=1e-6)
         assert len(adapter.layers) == len([k for k in tensors if "lora_A" in k or "lora_down" in k])
+
+
+@pytest.mark.parametrize("family", ["qwen-image", "z-image"])
+def test_kohya_flat_lora_unet_names_convert_like_the_dotted_ones(tmp_path, family: str) -> None:
+    """`lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight` (module paths flattened with underscores):
+    diffusers' converter restores every module path, so the adapter equals its dotted `diffusion_model.` twin."""
+    from imagegen.common.checkpoint import open_model_folder
+
+    transformer = open_model_folder(tiny_checkpoint_cached(family)).load("transformer", torch.float32, "cpu")
+    tensors, _ = random_lora(transformer, rank=2, seed=4, fmt="kohya")
+    flat = {}
+    for key, value in tensors.items():
+        module, dot, suffix = key.removeprefix("diffusion_model.").rpartition(".lora_" if ".lora_" in key else ".")
+        flat["lora_unet_" + module.replace(".", "_") + dot + suffix] = value
+    dotted = read_adapter(_write(tmp_path / "dotted.safetensors", tensors), family)
+    flattened = read_adapter(_write(tmp_path / "flat.safetensors", flat), family)
+    assert sorted(flattened.layers) == sorted(dotted.layers) == sorted(adapted_linears(transformer))
+    for module, layer in dotted.layers.items():
+        twin = flattened.layers[module]
+        assert torch.equal(twin.up, layer.up) and torch.equal(twin.down, layer.down)
 
 
 def test_files_that_are_not_loras_for_this_model_are_refused(tmp_path, qwen_transformer) -> None:
