@@ -60,8 +60,8 @@ log = logging.getLogger(__name__)
 
 
 def max_batch(args: argparse.Namespace, device) -> int:
-    """`--max-batch`, else 1 on the CPU (a forward there is compute-bound already) and `CUDA_MAX_BATCH` on a
-    GPU."""
+    """`--max-batch`, else 1 on the CPU (a forward there is compute-bound already) and `CUDA_MAX_BATCH` (also 1,
+    measured) on a GPU."""
     chosen = getattr(args, "max_batch", None)
     if chosen:
         return chosen

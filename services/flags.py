@@ -23,8 +23,9 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-# Batching defaults. 8 on CUDA is provisional: the lead confirms it with bench/batching_gpu.py on the H200.
-CUDA_MAX_BATCH = 8
+# Batching defaults, measured (docs/benchmarks.md, one H200): on the fast path one request already keeps the card
+# compute-bound at 512^2 and up, so batches of 8 were 2-7% slower than one at a time; batching stays opt-in.
+CUDA_MAX_BATCH = 1
 BATCH_WAIT_MS = 10.0
 
 # service -> (default gRPC port, default metrics port)
