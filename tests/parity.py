@@ -18,6 +18,18 @@ from imagegen.common.options import RequestOptions
 from imagegen.common.pipeline import Pipeline
 
 THREADS = 2  # CPU results move by ~1e-6 with the thread count: every comparison pins it
+# Parallel-layout parity runs the scenarios at sizes where every rank of P = 4 holds >= 16 rows (112x144: 63 Qwen
+# tokens, odd): below that the CPU GEMM kernels add in another order, a property of the BLAS, not of the sharding.
+LAYOUT_SIZES = {
+    "qwen-image-cfg": (128, 128),
+    "qwen-image-no-negative": (128, 128),
+    "qwen-image-non-square": (112, 144),
+    "qwen-image-edit-cfg": (128, 128),
+    "qwen-image-edit-plus-two-images": (112, 144),
+    "qwen-image-edit-2511-zero-cond-t": (112, 144),
+    "z-image-cfg-norm-truncation": (112, 144),
+    "z-image-turbo": (144, 112),
+}
 TOLERANCE = 1e-5
 
 # Long enough that its padded Z-Image caption is longer than the positive one by more than 32 tokens.

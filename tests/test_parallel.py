@@ -30,22 +30,13 @@ from imagegen.common.tiny import tiny_checkpoint_cached
 from safetensors.torch import load_file, save_file
 
 from tests.parity import CASES as PARITY_CASES
-from tests.parity import THREADS, Case, Run, max_diff, run_job, run_ours
+from tests.parity import LAYOUT_SIZES, THREADS, Case, Run, max_diff, run_job, run_ours
 
 IMAGE_TOLERANCE = 1e-6
 MIN_COSINE = 0.999999
 MODES = {"sp2": (2, False), "sp4": (4, False), "cfg2": (1, True), "sp2-cfg2": (2, True)}
 # The parity scenarios at sizes where every rank of P = 4 holds >= 16 rows; 112x144 is 63 Qwen tokens.
-SIZES = {
-    "qwen-image-cfg": (128, 128),
-    "qwen-image-no-negative": (128, 128),
-    "qwen-image-non-square": (112, 144),
-    "qwen-image-edit-cfg": (128, 128),
-    "qwen-image-edit-plus-two-images": (112, 144),
-    "qwen-image-edit-2511-zero-cond-t": (112, 144),
-    "z-image-cfg-norm-truncation": (112, 144),
-    "z-image-turbo": (144, 112),
-}
+SIZES = LAYOUT_SIZES
 CASES = [case.with_options(width=SIZES[name][0], height=SIZES[name][1]) for name, case in PARITY_CASES.items()]
 CHECKPOINTS = sorted({(c.family, c.variant) for c in CASES}, key=str)
 

@@ -30,22 +30,13 @@ from imagegen.common.pipeline import Pipeline
 from imagegen.common.tiny import tiny_checkpoint_cached
 
 from tests.parity import CASES as PARITY_CASES
-from tests.parity import THREADS, Case, Run, max_diff, run_job
+from tests.parity import LAYOUT_SIZES, THREADS, Case, Run, max_diff, run_job
 from tests.ring_harness import forked_group
 
 IMAGE_TOLERANCE = 1e-6
 MIN_COSINE = 0.999999
 # Sizes with odd token counts where the family allows it (Qwen 112x144: 63 tokens) and >= 8 rows per rank at P = 8.
-SIZES = {
-    "qwen-image-cfg": (128, 128),
-    "qwen-image-no-negative": (128, 128),
-    "qwen-image-non-square": (112, 144),
-    "qwen-image-edit-cfg": (128, 128),
-    "qwen-image-edit-plus-two-images": (112, 144),
-    "qwen-image-edit-2511-zero-cond-t": (112, 144),
-    "z-image-cfg-norm-truncation": (112, 144),
-    "z-image-turbo": (144, 112),
-}
+SIZES = LAYOUT_SIZES
 # From P = 6 those sizes leave < 16 rows on a rank, where the CPU's GEMM kernels add in another order (a property of
 # the BLAS, not of the sharding): those groups run at 176x208 (143 tokens, odd; Z-Image pads them to 160).
 LARGE = (176, 208)
