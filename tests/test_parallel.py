@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 from imagegen.common.attention import sdpa
 from imagegen.common.checkpoint import open_model_folder
 from imagegen.common.denoise import DenoiseJob
@@ -168,3 +169,18 @@ def test_failed_rank_fails_the_group_fast(tmp_path, fault: str) -> None:
     assert not out.exists()
     last_line = proc.stderr.strip().splitlines()[-1]
     assert last_line.startswith("imagegen: error: denoiser group failed"), proc.stderr[-2000:]
+
+
+def test_error_in_the_callers_code_leaves_no_stale_group_behind() -> None:
+    """Rank 0 lives in this process: if code inside `local_group` raises, the other ranks are released and this
+    process's process group is gone, so the next group (of another size) forms and runs."""
+    path = tiny_checkpoint_cached("qwen-image")
+    with pytest.raises(LookupError, match="the caller's own error"):
+        with local_group(path, 2, False, threads=THREADS, timeout_s=60):
+            raise LookupError("the caller's own error")
+    assert not dist.is_initialized()
+    case = next(c for c in CASES if c.family == "qwen-image" and c.variant is None)
+    pipeline, job, _ = encoded(case)
+    with local_group(path, 4, False, threads=THREADS, timeout_s=60) as group:
+        assert_matches_single_process(case, run_job(pipeline, job, group))
+    assert not dist.is_initialized()

@@ -126,8 +126,14 @@ class ParallelGroup:
         dist.broadcast(value, src=0, group=self.control_group)
         return bool(value.item())
 
-    def close(self) -> None:
-        if dist.is_initialized():
+    def close(self, peers_gone: bool = False) -> None:
+        """Leave the group. `peers_gone`: the other ranks were killed, so an NCCL communicator is aborted
+        rather than shut down (a shutdown could wait on them); gloo holds nothing that waits."""
+        if not dist.is_initialized():
+            return
+        if peers_gone and self.device.type == "cuda":
+            _abort_process_groups()
+        else:
             dist.destroy_process_group()
 
 
@@ -151,3 +157,13 @@ def _ulysses_and_ring_groups(
             if rank in members:
                 ring_group, ring_ranks = made, members
     return ulysses_group, ring_group, ring_ranks
+
+
+def _abort_process_groups() -> None:
+    """Abort every process group of this process (NCCL communicators included) and forget them, so that a
+    new group can form here. torch only offers this as a private API; without it, fall back to a destroy."""
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if abort is None:
+        dist.destroy_process_group()
+        return
+    abort()

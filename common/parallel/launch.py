@@ -128,19 +128,30 @@ def local_group(
             group, denoiser = join_group(model, sp, cfg_parallel, dtype, device.type, timeout_s, layout.ulysses)
             runner = GroupDenoiser(group, denoiser, lambda: workers.failure)
             yield runner
-            runner.close()
         except RuntimeError as exc:  # torch.distributed errors while forming the group
             raise GroupError(f"denoiser group failed: {workers.failure or exc}") from exc
     finally:
+        if runner is not None:
+            _release(runner)
         healthy = runner is not None and runner.closed and not runner.broken
         workers.stop(graceful=healthy)
-        if group is not None and healthy:
-            group.close()  # a broken group's teardown could wait on dead peers: the process exits instead
+        if group is not None:
+            # Rank 0 lives in the caller's process, which may start more groups: never leave it a stale one.
+            group.close(peers_gone=not healthy)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _release(runner: GroupDenoiser) -> None:
+    """Send the other ranks their stop, also when the caller's code raised: a group that is still in step must
+    not leave them waiting for a job until the collective timeout. A group that breaks doing so stays broken."""
+    try:
+        runner.close()
+    except GroupError:
+        pass
 
 
 def join_group(
@@ -197,7 +208,7 @@ def group_denoiser(
     runner = GroupDenoiser(group, denoiser)
     try:
         yield runner
-        runner.close()
     finally:
+        _release(runner)
         if runner.closed and not runner.broken:
-            group.close()
+            group.close()  # the other ranks are torchrun's to stop: a broken group is left to the exit

@@ -86,6 +86,9 @@ class GroupDenoiser:
             self.broken = True
             hint = self._failure_hint() if self._failure_hint is not None else None
             raise GroupError(f"denoiser group failed: {hint or exc}") from exc
+        except BaseException:  # KeyboardInterrupt, SystemExit mid-collective: the ranks are out of step
+            self.broken = True
+            raise
 
 
 def follow_leader(group: ParallelGroup, denoiser) -> None:
