@@ -4,7 +4,7 @@ A DiT's sharded sequence is a list of segments (Qwen: the noisy tokens, then eac
 image tokens including the 32-alignment registers). Under sequence parallelism every segment is split
 contiguously into P blocks of `ceil(n / P)` rows, so every sharded token keeps its single-process index (and so
 its RoPE row); a rank's local sequence is its block of every segment, in segment order, and blocks shorter
-than `ceil(n / P)` are filled with padding rows that attention masks out. After the all-to-all the gathered
+than `ceil(n / P)` are filled with padding rows that attention leaves out. After the all-to-all the gathered
 rows are put back into single-process order with the padding last (`SequencePlan.gathered_order`), so every
 query sees its keys in the order one process would.
 
@@ -61,7 +61,7 @@ class SequencePlan:
 
     @cached_property
     def local_index(self) -> torch.Tensor:
-        """Single-process index of each local row (0 on padding rows, which are masked anyway)."""
+        """Single-process index of each local row (0 on padding rows, which attention leaves out)."""
         return self._rank_rows(self.rank)[0]
 
     @cached_property
@@ -86,15 +86,6 @@ class SequencePlan:
         real_positions = torch.nonzero(real).squeeze(1)
         order = torch.cat([real_positions[torch.argsort(index[real])], torch.nonzero(~real).squeeze(1)])
         return None if torch.equal(order, torch.arange(len(order))) else order
-
-    @cached_property
-    def gathered_key_mask(self) -> torch.Tensor | None:
-        """`[P * local_len]` keys after reordering: True for real tokens, False for the trailing padding."""
-        if not self.has_padding:
-            return None
-        mask = torch.zeros(self.world * self.local_len, dtype=torch.bool)
-        mask[: self.num_tokens] = True
-        return mask
 
     def take_local(self, full: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """This rank's local rows of a full-sequence tensor, padding rows zeroed."""

@@ -5,7 +5,7 @@ Per attention call on rank r of P, with local sharded heads `[B, n, H, D]` and r
 2. put those rows back into single-process order, padding rows last (`SequencePlan.gathered_order`);
 3. slice the replicated tokens to this rank's heads locally and place them where one process has them
    (before the image tokens for Qwen, after for Z-Image), so each appears exactly once;
-4. attention with the padding rows last and masked as keys; undo the reordering; all-to-all back;
+4. attention over the real rows only (padding rows get zeros); undo the reordering; all-to-all back;
 5. all-gather the replicated rows' outputs over heads, so they are whole and identical on every rank.
 """
 
@@ -62,9 +62,9 @@ class UlyssesAttention:
             q, k, v = (t.index_select(1, self.order) for t in (q, k, v))
         gathered = Heads(q, k, v)
         real = self.plan.num_tokens
-        padding = gathered.rows(real) if self.plan.has_padding else None
+        padding_rows = len(gathered) - real
         mine = None if replicated is None else self._my_heads(replicated)
-        sharded_out, replicated_out = attend_in_order(gathered.rows(0, real), mine, replicated_first, padding)
+        sharded_out, replicated_out = attend_in_order(gathered.rows(0, real), mine, replicated_first, padding_rows)
         if self.inverse is not None:
             sharded_out = sharded_out.index_select(1, self.inverse)
         sharded_out = gather_heads(sharded_out, world, self.group)
