@@ -4,9 +4,10 @@ A DiT's sharded sequence is a list of segments (Qwen: the noisy tokens, then eac
 image tokens including the 32-alignment registers). Under sequence parallelism every segment is split
 contiguously into P blocks of `ceil(n / P)` rows, so every sharded token keeps its single-process index (and so
 its RoPE row); a rank's local sequence is its block of every segment, in segment order, and blocks shorter
-than `ceil(n / P)` are filled with padding rows that attention leaves out. After the all-to-all the gathered
-rows are put back into single-process order with the padding last (`SequencePlan.gathered_order`), so every
-query sees its keys in the order one process would.
+than `ceil(n / P)` are filled with padding rows that attention leaves out. A local sequence shorter than
+`MIN_LOCAL_ROWS` gets more padding rows at its end. After the all-to-all the gathered rows are put back into
+single-process order with the padding last (`SequencePlan.gathered_order`), so every query sees its keys in the
+order one process would.
 
 `LocalSharding` is the one-process case; `imagegen.common.parallel` provides the group implementation.
 """
@@ -22,6 +23,12 @@ import torch
 from imagegen.common.attention import LOCAL_ATTENTION, AttentionBackend
 
 
+# CPU GEMMs (MKL/oneDNN) take another kernel, and so another summation order, for a few rows (seen: fewer than 12
+# and not a multiple of 4 with AVX-512; below 16 with AVX2), so a rank's rows would round unlike the same rows of
+# one process. A sharded local sequence is never shorter than this (the extra rows are padding).
+MIN_LOCAL_ROWS = 16
+
+
 @dataclass(frozen=True)
 class SequencePlan:
     segments: tuple[int, ...]
@@ -32,8 +39,17 @@ class SequencePlan:
         return math.ceil(self.segments[segment] / self.world)
 
     @cached_property
-    def local_len(self) -> int:
+    def _blocks_len(self) -> int:
         return sum(self.block(s) for s in range(len(self.segments)))
+
+    @cached_property
+    def tail_padding(self) -> int:
+        """Padding rows after the last segment's block, to make the local sequence `MIN_LOCAL_ROWS` long."""
+        return 0 if self.world == 1 else max(0, MIN_LOCAL_ROWS - self._blocks_len)
+
+    @cached_property
+    def local_len(self) -> int:
+        return self._blocks_len + self.tail_padding
 
     @cached_property
     def num_tokens(self) -> int:
@@ -57,7 +73,16 @@ class SequencePlan:
             real.append(torch.ones(end - start, dtype=torch.bool))
             real.append(torch.zeros(block - (end - start), dtype=torch.bool))
             offset += length
+        index.append(torch.zeros(self.tail_padding, dtype=torch.long))
+        real.append(torch.zeros(self.tail_padding, dtype=torch.bool))
         return torch.cat(index), torch.cat(real)
+
+    @cached_property
+    def local_segment(self) -> torch.Tensor:
+        """The segment of each local row (the tail padding counts as the last segment's)."""
+        blocks = [self.block(s) for s in range(len(self.segments))]
+        blocks[-1] += self.tail_padding
+        return torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor(blocks))
 
     @cached_property
     def local_index(self) -> torch.Tensor:

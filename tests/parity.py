@@ -18,8 +18,9 @@ from imagegen.common.options import RequestOptions
 from imagegen.common.pipeline import Pipeline
 
 THREADS = 2  # CPU results move by ~1e-6 with the thread count: every comparison pins it
-# Parallel-layout parity runs the scenarios at sizes where every rank of P = 4 holds >= 16 rows (112x144: 63 Qwen
-# tokens, odd): below that the CPU GEMM kernels add in another order, a property of the BLAS, not of the sharding.
+# Parallel-layout parity runs the scenarios at sizes with odd token counts (112x144: 63 Qwen tokens) where every
+# rank of P = 4 holds real rows of every segment; smaller images are tested on their own
+# (test_parallel.test_few_rows_per_rank_equal_one_process: a rank's sequence is padded to MIN_LOCAL_ROWS).
 LAYOUT_SIZES = {
     "qwen-image-cfg": (128, 128),
     "qwen-image-no-negative": (128, 128),

@@ -40,12 +40,7 @@ TOLERANCE = 1e-6
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def pinned_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("parity_threads")
 
 
 # Members of one batch per family: prompts and negatives of different token lengths (Z-Image's pad to

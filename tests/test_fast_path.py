@@ -28,17 +28,12 @@ from imagegen.common.tiny import tiny_checkpoint_cached
 from imagegen.common.warmup import parse_sizes, warm_up
 from torch._dynamo.utils import counters
 
-from tests.parity import CASES, THREADS, TOLERANCE, assert_parity, compare_runs, reference_run, run_ours
+from tests.parity import CASES, TOLERANCE, assert_parity, compare_runs, reference_run, run_ours
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def pinned_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("parity_threads")
 
 
 def fast_pipeline(name: str, compile: str = "off") -> tuple[Path, Pipeline]:

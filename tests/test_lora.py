@@ -34,12 +34,7 @@ ONE = [("first", 0.7)]
 TWO = [("first", 0.7), ("second", 1.3)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def pinned_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("parity_threads")
 
 
 @dataclasses.dataclass

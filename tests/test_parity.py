@@ -14,15 +14,9 @@ from imagegen.common.pipeline import Pipeline
 from imagegen.common.rope import Rotary
 from imagegen.common.tiny import tiny_checkpoint_cached
 
-from tests.parity import CASES, THREADS, TOLERANCE, Case, assert_parity, compare_runs, reference_run, run_ours
+from tests.parity import CASES, TOLERANCE, Case, assert_parity, compare_runs, reference_run, run_ours
 
-
-@pytest.fixture(scope="module", autouse=True)
-def pinned_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("parity_threads")
 
 
 def checkpoint(case: Case):

@@ -35,17 +35,10 @@ from tests.ring_harness import forked_group
 
 IMAGE_TOLERANCE = 1e-6
 MIN_COSINE = 0.999999
-# Sizes with odd token counts where the family allows it (Qwen 112x144: 63 tokens) and >= 8 rows per rank at P = 8.
+# Sizes with odd token counts where the family allows it (Qwen 112x144: 63 tokens): 8 rows a rank at P = 8 (the plan
+# pads a rank's sequence to MIN_LOCAL_ROWS, so few rows round as one process's do).
 SIZES = LAYOUT_SIZES
-# From P = 6 those sizes leave < 16 rows on a rank, where the CPU's GEMM kernels add in another order (a property of
-# the BLAS, not of the sharding): those groups run at 176x208 (143 tokens, odd; Z-Image pads them to 160).
-LARGE = (176, 208)
 CASES = {name: case.with_options(width=SIZES[name][0], height=SIZES[name][1]) for name, case in PARITY_CASES.items()}
-
-
-def case_for(name: str, sp: int) -> Case:
-    width, height = SIZES[name] if sp <= 4 else LARGE
-    return PARITY_CASES[name].with_options(width=width, height=height)
 
 
 # (heads, P, --ulysses or None, --cfg-parallel, scenarios): one group each. Layouts in the ids (U x R).
@@ -65,12 +58,7 @@ def checkpoint(case: Case, heads: int):
     return tiny_checkpoint_cached(case.family, case.variant, heads=heads)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def pinned_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("parity_threads")
 
 
 _single: dict[tuple, tuple[Pipeline, object, Run]] = {}
@@ -104,7 +92,7 @@ def run_in_group(heads: int, sp: int, ulysses, cfg: bool, names: list[str], **gr
     results = {}
     by_checkpoint: dict[object, list[Case]] = {}
     for name in names:
-        case = case_for(name, sp)
+        case = CASES[name]
         by_checkpoint.setdefault(checkpoint(case, heads), []).append(case)
     for path, cases in by_checkpoint.items():
         for case in cases:

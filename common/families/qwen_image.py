@@ -562,10 +562,7 @@ class QwenDenoiser(DenoiseStage):
         latents = [noise[:, start:end].to(self.device) for noise in noises]
         modulate_index = None
         if self.dit.zero_cond_t:
-            segment_of_row = torch.repeat_interleave(
-                torch.arange(len(img_shapes)), torch.tensor([plan.block(s) for s in range(len(img_shapes))])
-            )
-            modulate_index = (segment_of_row > 0).int().to(self.device)[None]
+            modulate_index = (plan.local_segment > 0).int().to(self.device)[None]
 
         backend = sharding.attention(plan)
         names = ["positive"] if first.negative_embeds is None else ["positive", "negative"]

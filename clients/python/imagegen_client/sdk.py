@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import numpy as np
@@ -239,9 +239,10 @@ class _Core:
 ProgressCallback = Callable[[Progress], Any]
 
 
-# ----------------------------------------------------------------------------------------------- sync client
-class ImageClient:
-    """Blocking client. `timeout` (seconds) bounds each call including its retries."""
+class _Client:
+    """What both clients share: the connection and the per-call settings. `_grpc` is `grpc` or `grpc.aio`."""
+
+    _grpc: ClassVar[Any] = grpc
 
     def __init__(
         self,
@@ -257,8 +258,15 @@ class ImageClient:
     ) -> None:
         secure = tls or root_certificates is not None
         self._core = _Core(target, api_key, model, timeout, retry, secure, allow_plaintext_key)
-        self._channel = _Core.channel(grpc, target, tls, root_certificates)
+        self._channel = _Core.channel(self._grpc, target, tls, root_certificates)
         self._stub = image_service_pb2_grpc.ImageServiceStub(self._channel)
+
+
+# ----------------------------------------------------------------------------------------------- sync client
+class ImageClient(_Client):
+    """Blocking client. `timeout` (seconds) bounds each call including its retries."""
+
+    _grpc = grpc
 
     def generate(
         self, prompt: str, *, progress: ProgressCallback | None = None, timeout: float | None = None, **options: Any
@@ -335,26 +343,11 @@ class ImageClient:
 
 
 # ---------------------------------------------------------------------------------------------- async client
-class AsyncImageClient:
+class AsyncImageClient(_Client):
     """asyncio client with the same methods as `ImageClient` (awaitable). Cancelling the awaiting task cancels
     the request on the server."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        api_key: str | None = None,
-        model: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        retry: RetryPolicy = RetryPolicy(),
-        allow_plaintext_key: bool = False,
-    ) -> None:
-        secure = tls or root_certificates is not None
-        self._core = _Core(target, api_key, model, timeout, retry, secure, allow_plaintext_key)
-        self._channel = _Core.channel(grpc.aio, target, tls, root_certificates)
-        self._stub = image_service_pb2_grpc.ImageServiceStub(self._channel)
+    _grpc = grpc.aio
 
     async def generate(
         self, prompt: str, *, progress: ProgressCallback | None = None, timeout: float | None = None, **options: Any
