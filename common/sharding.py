@@ -22,7 +22,6 @@ from typing import Protocol
 import torch
 from imagegen.common.attention import LOCAL_ATTENTION, AttentionBackend
 
-
 # CPU GEMMs (MKL/oneDNN) take another kernel, and so another summation order, for a few rows (seen: fewer than 12
 # and not a multiple of 4 with AVX-512; below 16 with AVX2), so a rank's rows would round unlike the same rows of
 # one process. A sharded local sequence is never shorter than this (the extra rows are padding).

@@ -359,7 +359,7 @@ def test_deadline_stops_the_denoiser(stack, reference):
     steps_before = denoiser.metric("imagegen_denoise_steps_total")
     with stack.client(retry=RetryPolicy(attempts=1)) as client:
         with pytest.raises(Exception) as caught:
-            client.generate("a long job", model="z-image", seed=1, timeout=1.5, **LONG_JOB)
+            client.generate("a long job", model="z-image", seed=1, timeout=3.0, **LONG_JOB)
     assert getattr(caught.value, "code", None) == grpc.StatusCode.DEADLINE_EXCEEDED, caught.value
     _wait_for(lambda: denoiser.metric("imagegen_denoise_jobs_total", outcome="deadline") == before + 1)
     assert denoiser.metric("imagegen_denoise_steps_total") - steps_before < LONG_JOB["steps"]

@@ -23,7 +23,7 @@ from imagegen.common.serving.config import ConfigError, add_common_flags, bind_h
 from imagegen.common.serving.embeddings import EmbeddingCache, load_embeddings
 from imagegen.common.serving.handlers import QueueFull, rpc
 from imagegen.common.serving.jobs import JobQueue
-from imagegen.common.serving.retry import Deadline, RetryPolicy
+from imagegen.common.serving.retry import HANDOFF_MARGIN_S, Deadline, RetryPolicy
 from imagegen.common.serving.routes import RouteTable, parse_routes
 from imagegen.common.serving.status import (
     EMBEDDINGS_MISSING,
@@ -38,6 +38,7 @@ from imagegen.common.serving.status import (
 from imagegen.common.serving.tls import TlsConfig
 from imagegen.common.serving.transport import client_options
 from imagegen.common.wire import pack, unpack
+from prometheus_client import REGISTRY
 from service_harness import RedisServer, free_port
 
 from imagegen.v1 import common_pb2, denoiser_pb2_grpc, encoder_pb2, encoder_pb2_grpc, vae_pb2_grpc
@@ -196,6 +197,10 @@ async def _collect(ticket, until: str | None = None) -> list:
     return events
 
 
+def _jobs_total(outcome: str) -> float:
+    return REGISTRY.get_sample_value("imagegen_denoise_jobs_total", {"outcome": outcome}) or 0.0
+
+
 def test_job_queue_positions_capacity_cancel_and_deadline():
     async def scenario():
         queue = JobQueue(capacity=1, name="test-jobs")
@@ -206,17 +211,22 @@ def test_job_queue_positions_capacity_cancel_and_deadline():
         assert (await _collect(waiting, until="queued"))[-1].position == 1
         with pytest.raises(QueueFull):
             queue.submit(_steps(1, 0.0, []))
+        cancelled = _jobs_total("cancelled")
         queue.withdraw(waiting)
         assert isinstance((await _collect(waiting))[-1].error, Cancelled)
+        assert _jobs_total("cancelled") == cancelled + 1  # one that never ran has its outcome too
         queue.withdraw(running)
         seen = len(long_ran)
         last = (await _collect(running))[-1]
         assert isinstance(last.error, Cancelled) and len(long_ran) <= seen + 1
+        assert _jobs_total("cancelled") == cancelled + 2
 
         # A deadline stops a job the same way, and a failing job does not stop the worker.
         deadline_ran: list = []
+        expired = _jobs_total("deadline")
         timed = queue.submit(_steps(1000, 0.01, deadline_ran), timeout=0.1)
         assert isinstance((await _collect(timed))[-1].error, Cancelled) and len(deadline_ran) < 30
+        assert _jobs_total("deadline") == expired + 1
 
         def broken(hooks: StepHooks) -> None:
             raise ValueError("boom")
@@ -431,8 +441,9 @@ def test_bad_tls_and_routes_configuration_is_refused(tmp_path):
 
 def test_deadline_raises_deadline_exceeded_once_past():
     assert Deadline(None).remaining() is None
+    assert 10 - HANDOFF_MARGIN_S - 0.01 < Deadline(10).remaining() <= 10 - HANDOFF_MARGIN_S  # the stage's ends first
     deadline = Deadline(0.05)
-    assert 0 < deadline.remaining() <= 0.05
+    assert 0 < deadline.remaining() <= 0.025
     threading.Event().wait(0.06)
     with pytest.raises(RpcFailure) as caught:
         deadline.remaining()

@@ -155,7 +155,9 @@ class JobQueue:
             if ticket in self._pending:
                 self._pending.remove(ticket)
                 self._announce()
-                ticket.post(Event("failed", error=Cancelled("cancelled while queued")))
+                final = Event("failed", error=Cancelled("cancelled while queued"))
+                self._record(ticket, final)  # every submitted job gets one outcome, also one that never ran
+                ticket.post(final)
 
     def shut(self, error: BaseException | None = None) -> None:
         """Refuse new work and fail the waiting jobs with `error` (UNAVAILABLE by default); the running one

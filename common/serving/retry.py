@@ -13,15 +13,24 @@ from imagegen_client.retry import DEFAULT_TIMEOUT_S
 __all__ = ["DEFAULT_TIMEOUT_S", "Deadline", "RetryBudget", "RetryPolicy"]
 
 
+# An internal call's deadline ends this much before ours (half of what is left when less than twice this is), so
+# the stage's own deadline passes first: the stage stops the work and records it as a deadline, and we hear its
+# DEADLINE_EXCEEDED, instead of our cancellation racing its deadline over the wire.
+HANDOFF_MARGIN_S = 0.05
+
+
 class Deadline(shared.Deadline):
     """The time by which a request must be answered, handed down to every internal call as its timeout."""
 
     def remaining(self) -> float | None:
-        """Seconds left for the next call; raises DEADLINE_EXCEEDED once past."""
+        """Seconds the next internal call may take (`HANDOFF_MARGIN_S` less than is left); raises
+        DEADLINE_EXCEEDED once past."""
         left = self.left()
-        if left is not None and left <= 0:
+        if left is None:
+            return None
+        if left <= 0:
             raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-        return left
+        return left - HANDOFF_MARGIN_S if left > 2 * HANDOFF_MARGIN_S else left / 2
 
 
 class RetryPolicy(shared.RetryPolicy):
