@@ -194,7 +194,7 @@ class ImageSlots:
     """This rank's image rows: a block of the single-process image sequence (latent tokens, then registers).
 
     Rows whose single-process index is below `num_latent` carry latent tokens; the others are the learned
-    32-alignment registers (`x_pad_token`) or sequence-parallel padding, which attention masks out.
+    32-alignment registers (`x_pad_token`) or sequence-parallel padding, which attention leaves out.
     """
 
     plan: SequencePlan

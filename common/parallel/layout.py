@@ -74,7 +74,7 @@ def image_tokens(width: int, height: int) -> int:
 
 def check_request_fits(width: int, height: int, sp: int) -> None:
     """A request needs at least P image tokens (P ranges from 1 to the token count). Ranks past the last block of
-    a segment that does not divide hold padding rows only, which attention masks as elsewhere."""
+    a segment that does not divide hold padding rows only, which attention leaves out as elsewhere."""
     tokens = image_tokens(width, height)
     if tokens < sp:
         raise InvalidArgument(
