@@ -292,6 +292,18 @@ def test_ulysses_degree_reaches_every_rank_and_counts_no_gpus(helm, tmp_path):
     assert serve[serve.index("--sp") :] == ["--sp", "8", "--ulysses", "2"]
 
 
+def test_batching_settings_reach_the_denoiser(helm, tmp_path):
+    """maxBatch 0 (the default) leaves the denoiser's own default; a model's denoiser block overrides both."""
+    values = (
+        "models:\n  - {id: a, family: z-image, path: A}\n"
+        "  - {id: b, family: z-image, path: B, denoiser: {maxBatch: 4, batchWaitMs: 2.5}}\n"
+    )
+    pods = denoiser_pods_by_model(render(helm, _write(tmp_path, values)))
+    default, tuned = (env(main_container(pods[m][0][1])) for m in ("a", "b"))
+    assert "IMAGEGEN_MAX_BATCH" not in default and default["IMAGEGEN_BATCH_WAIT_MS"] == "10"
+    assert tuned["IMAGEGEN_MAX_BATCH"] == "4" and tuned["IMAGEGEN_BATCH_WAIT_MS"] == "2.5"
+
+
 def test_multinode_group_leader_and_workers(rendered):
     objs = rendered["multinode-tls"]
     groups = [w for w, _ in denoiser_pods_by_model(objs)["z-image"]]
@@ -657,8 +669,18 @@ def _write(tmp_path: pathlib.Path, text: str) -> pathlib.Path:
         ('models:\n  - id: m\n    family: qwen-image\n    path: M\n    sp: "4"\n', "sp"),
         ("models:\n  - id: m\n    family: flux\n    path: M\n", "family"),
         ("redis:\n  mode: sentinel\n", "mode"),
+        ("stageDefaults:\n  denoiser:\n    maxBatch: -1\n", "maxBatch"),
     ],
-    ids=["typo-gateway", "typo-model", "typo-stage", "string-replicas", "string-sp", "bad-family", "bad-redis-mode"],
+    ids=[
+        "typo-gateway",
+        "typo-model",
+        "typo-stage",
+        "string-replicas",
+        "string-sp",
+        "bad-family",
+        "bad-redis-mode",
+        "negative-max-batch",
+    ],
 )
 def test_schema_rejects_bad_values(helm, tmp_path, values, message):
     path = _write(tmp_path, values)

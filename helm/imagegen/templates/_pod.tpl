@@ -158,6 +158,12 @@ probes and Prometheus reach them there). */}}
 {{- if eq .component "denoiser" }}
 - name: IMAGEGEN_QUEUE_SIZE
   value: {{ int64 $stage.queueSize | quote }}
+{{- if gt (int64 $stage.maxBatch) 0 }}
+- name: IMAGEGEN_MAX_BATCH
+  value: {{ int64 $stage.maxBatch | quote }}
+{{- end }}
+- name: IMAGEGEN_BATCH_WAIT_MS
+  value: {{ $stage.batchWaitMs | toString | quote }}
 {{- with .model.loraDir }}
 - name: IMAGEGEN_LORA_DIR
   value: {{ . | quote }}
