@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import statistics
 import sys
@@ -49,6 +48,7 @@ from imagegen.common.tiny import tiny_checkpoint_cached  # noqa: E402
 from imagegen.common.wire import LATENTS, pack, unpack  # noqa: E402
 from imagegen.services.denoiser import DenoiserServicer  # noqa: E402
 
+from bench.compare import psnr  # noqa: E402
 from imagegen.cli import build_parser  # noqa: E402
 from imagegen.v1 import denoiser_pb2, denoiser_pb2_grpc, encoder_pb2  # noqa: E402
 
@@ -193,11 +193,6 @@ def histogram_sum(histogram) -> tuple[float, float]:
     """(count, sum) of an unlabelled Prometheus histogram so far."""
     samples = {s.name: s.value for family in histogram.collect() for s in family.samples}
     return samples.get(f"{histogram._name}_count", 0.0), samples.get(f"{histogram._name}_sum", 0.0)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def images(vae, blobs: list[bytes], size: int) -> list[np.ndarray]:

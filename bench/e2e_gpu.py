@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import statistics
 import sys
@@ -45,6 +44,7 @@ from imagegen.common.options import RequestOptions  # noqa: E402
 from imagegen.common.pipeline import Pipeline  # noqa: E402
 from imagegen.common.tiny import tiny_checkpoint_cached  # noqa: E402
 
+from bench.compare import cosine, psnr  # noqa: E402
 from tests.parity import Case, run_pipeline  # noqa: E402
 
 PROMPT = "a red fox standing in fresh snow at dawn, soft golden light, shallow depth of field, highly detailed"
@@ -253,19 +253,13 @@ def run_ours(pipeline: Pipeline, case: Case, images) -> tuple[np.ndarray, dict[s
     return array, stages, outputs
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
 def cosines(ours: dict, theirs: dict) -> list[float]:
     result = []
     for key, out in sorted(ours.items()):
         ref = theirs[key]
         if ref.dim() == 3:
             ref = ref[:, : out.shape[1]]
-        a, b = out.double().flatten(), ref.to(out.device).double().flatten()
-        result.append((a @ b / (a.norm() * b.norm())).item())
+        result.append(cosine(out, ref))
     return result
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import math
 import os
 import subprocess
 import sys
@@ -29,6 +28,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from imagegen.common.tiny import tiny_checkpoint_cached  # noqa: E402
 from service_harness import Service, free_port, service_env  # noqa: E402
 
+from bench.compare import psnr  # noqa: E402
 from imagegen.sdk import ImageClient  # noqa: E402
 
 FAILURES: list[str] = []
@@ -55,11 +55,6 @@ def check(name: str, fn) -> object:
         return None
     report("PASS", name, f"({time.perf_counter() - start:.1f} s) {detail or ''}")
     return detail
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
 def cli(args: list[str], env: dict | None = None, timeout: float = 600) -> None:

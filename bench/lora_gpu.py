@@ -44,6 +44,8 @@ from imagegen.common.families import get_family  # noqa: E402
 from imagegen.common.lora.tiny import random_lora  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from bench.compare import cosine  # noqa: E402
+
 # (family, variant, size, steps, job index of `warmup_jobs`: 0 = CFG, 1 = no CFG)
 WORKLOADS = {
     "qwen-image-1024": ("qwen-image", None, 1024, 8, 0),
@@ -90,11 +92,6 @@ def build_transformer(family: str, smoke: bool, folder):
         axes_lens=[1024, 512, 512],
     )
     return _scaled_linears(_build(ZImageTransformer2DModel, config, 1), 0.5)
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    return (a @ b / (a.norm() * b.norm())).item()
 
 
 def merge_fidelity(family, stage, transformer, folder, job, loras, base: torch.Tensor) -> dict:

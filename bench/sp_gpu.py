@@ -34,6 +34,8 @@ from imagegen.common.parallel.group import ParallelGroup  # noqa: E402
 from imagegen.common.parallel.sharding import GroupSharding  # noqa: E402
 from imagegen.common.sharding import LOCAL  # noqa: E402
 
+from bench.compare import cosine  # noqa: E402
+
 QWEN_SCHEDULER = {
     "base_image_seq_len": 256,
     "max_image_seq_len": 8192,
@@ -143,11 +145,6 @@ def captured_run(denoiser, job: DenoiseJob, sharding) -> dict:
     hooks = StepHooks(on_model_output=lambda step, branch, out: outputs.__setitem__((step, branch), out.float().cpu()))
     denoiser.run(job, hooks, sharding)
     return outputs
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    return (a @ b / (a.norm() * b.norm())).item()
 
 
 def main() -> None:

@@ -125,6 +125,11 @@ CASES = {
     ]
 }
 
+# The scenarios at LAYOUT_SIZES, as the parallel-layout tests run them.
+LAYOUT_CASES = {
+    name: case.with_options(width=LAYOUT_SIZES[name][0], height=LAYOUT_SIZES[name][1]) for name, case in CASES.items()
+}
+
 
 @dataclass
 class Run:

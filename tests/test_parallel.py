@@ -30,14 +30,14 @@ from imagegen.common.pipeline import Pipeline
 from imagegen.common.tiny import tiny_checkpoint_cached
 from safetensors.torch import load_file, save_file
 
+from bench.compare import cosine
 from tests.parity import CASES as PARITY_CASES
-from tests.parity import LAYOUT_SIZES, THREADS, Case, Run, max_diff, run_job, run_ours
+from tests.parity import LAYOUT_CASES, THREADS, Case, Run, max_diff, run_job, run_ours
 
 IMAGE_TOLERANCE = 1e-6
 MIN_COSINE = 0.999999
 MODES = {"sp2": (2, False), "sp4": (4, False), "cfg2": (1, True), "sp2-cfg2": (2, True)}
-SIZES = LAYOUT_SIZES  # 112x144 is 63 Qwen tokens
-CASES = [case.with_options(width=SIZES[name][0], height=SIZES[name][1]) for name, case in PARITY_CASES.items()]
+CASES = list(LAYOUT_CASES.values())  # 112x144 is 63 Qwen tokens
 CHECKPOINTS = sorted({(c.family, c.variant) for c in CASES}, key=str)
 
 
@@ -60,11 +60,6 @@ def encoded(case: Case) -> tuple[Pipeline, DenoiseJob, Run]:
 
 def single_process(case: Case) -> Run:
     return encoded(case)[2]
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    return (a @ b / (a.norm() * b.norm())).item()
 
 
 def assert_matches_single_process(case: Case, parallel) -> None:

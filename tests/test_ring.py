@@ -29,16 +29,15 @@ from imagegen.common.parallel.ring import merge_partials, partial_attention
 from imagegen.common.pipeline import Pipeline
 from imagegen.common.tiny import tiny_checkpoint_cached
 
-from tests.parity import CASES as PARITY_CASES
-from tests.parity import LAYOUT_SIZES, THREADS, Case, Run, max_diff, run_job
+from bench.compare import cosine
+from tests.parity import LAYOUT_CASES, THREADS, Case, Run, max_diff, run_job
 from tests.ring_harness import forked_group
 
 IMAGE_TOLERANCE = 1e-6
 MIN_COSINE = 0.999999
 # Sizes with odd token counts where the family allows it (Qwen 112x144: 63 tokens): 8 rows a rank at P = 8 (the plan
 # pads a rank's sequence to MIN_LOCAL_ROWS, so few rows round as one process's do).
-SIZES = LAYOUT_SIZES
-CASES = {name: case.with_options(width=SIZES[name][0], height=SIZES[name][1]) for name, case in PARITY_CASES.items()}
+CASES = LAYOUT_CASES
 
 
 # (heads, P, --ulysses or None, --cfg-parallel, scenarios): one group each. Layouts in the ids (U x R).
@@ -50,7 +49,7 @@ LEAN = [
     (4, 6, None, False, ["qwen-image-edit-cfg", "z-image-turbo"]),  # 2x3
     (4, 2, 1, True, ["qwen-image-edit-2511-zero-cond-t", "qwen-image-non-square"]),  # 1x2, x2 CFG
 ]
-FULL = [(h, p, None, c, list(SIZES)) for h in (4, 6) for p in (2, 3, 4, 6, 8) for c in (False, True)]
+FULL = [(h, p, None, c, list(CASES)) for h in (4, 6) for p in (2, 3, 4, 6, 8) for c in (False, True)]
 MATRIX = FULL if os.environ.get("RING_MATRIX") == "full" else LEAN
 
 
@@ -73,11 +72,6 @@ def encoded(case: Case, heads: int):
         job = pipeline.job(pipeline.resolve(case.options, images), images)
         _single[key] = (pipeline, job, run_job(pipeline, job))
     return _single[key]
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    return (a @ b / (a.norm() * b.norm())).item()
 
 
 def differences(parallel: Run, single: Run) -> tuple[float, float]:
