@@ -111,12 +111,8 @@ def local_group(
     command += ["--device", device.type, "--sp", str(sp), "--timeout", str(timeout_s), "--threads", str(threads)]
     command += ["--ulysses", str(layout.ulysses)]
     command += ["--cfg-parallel"] if cfg_parallel else []
-    root = str(Path(__file__).resolve().parents[2])
-    env_path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     processes = [
-        subprocess.Popen(
-            command, env={**os.environ, **rendezvous, "RANK": str(r), "LOCAL_RANK": str(r), "PYTHONPATH": env_path}
-        )
+        subprocess.Popen(command, env={**os.environ, **rendezvous, "RANK": str(r), "LOCAL_RANK": str(r)})
         for r in range(1, world)
     ]
     workers = _Workers(processes)
