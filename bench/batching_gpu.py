@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from imagegen.common.checkpoint import open_model_folder  # noqa: E402
 from imagegen.common.families import get_family  # noqa: E402
 from imagegen.common.images import to_float_array  # noqa: E402
+from imagegen.common.kernels import configure_compiler  # noqa: E402
 from imagegen.common.options import ResolvedOptions  # noqa: E402
 from imagegen.common.serving import metrics  # noqa: E402
 from imagegen.common.serving.convert import resolved_to_proto  # noqa: E402
@@ -308,6 +309,7 @@ def main() -> int:
         torch.set_num_threads(2)
     elif not torch.cuda.is_available():
         parser.error("needs a GPU (or --smoke)")
+    configure_compiler()  # start-up, as `imagegen serve`
     torch.set_grad_enabled(False)
     out = os.environ.get("OUT")
     results = []

@@ -39,7 +39,7 @@ from diffusers import (  # noqa: E402  # noqa: E402
 from imagegen.common.checkpoint import open_model_folder  # noqa: E402
 from imagegen.common.denoise import StepHooks  # noqa: E402
 from imagegen.common.images import to_float_array  # noqa: E402
-from imagegen.common.kernels import attention_choices  # noqa: E402
+from imagegen.common.kernels import attention_choices, configure_compiler  # noqa: E402
 from imagegen.common.options import RequestOptions  # noqa: E402
 from imagegen.common.pipeline import Pipeline  # noqa: E402
 from imagegen.common.tiny import tiny_checkpoint_cached  # noqa: E402
@@ -380,6 +380,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny checkpoints on the CPU, float32")
     parser.add_argument("--profile", default="", help="comma-separated workloads to profile (a 2-step kernel table)")
     args = parser.parse_args()
+    configure_compiler()  # start-up, as `imagegen serve`
     torch.set_grad_enabled(False)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA GPU: use --smoke")
