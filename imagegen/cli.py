@@ -245,6 +245,7 @@ def _run_local(args: argparse.Namespace, options, images):
     if args.sp < 1:
         raise InvalidArgument("sp", f"must be at least 1, got {args.sp}")
     model = args.model or str(_demo_checkpoint(args))
+    from imagegen.common.kernels import configure_compiler
     from imagegen.common.parallel.launch import (
         follow_as_rank,
         group_denoiser,
@@ -252,6 +253,7 @@ def _run_local(args: argparse.Namespace, options, images):
         launched_by_torchrun,
     )
 
+    configure_compiler()  # start-up, before any stage runs
     for env, value in (("IMAGEGEN_KERNELS", args.kernels), ("IMAGEGEN_COMPILE", args.compile)):
         if value:  # every rank of a group (spawned here or by torchrun) reads the same choice
             os.environ[env] = value
