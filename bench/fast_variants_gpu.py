@@ -864,25 +864,22 @@ def probe_kernels(report: Report, bench: Bench, device, dtype) -> None:
 
 LINEAR_SHAPES = {  # (M, K, N): Qwen 1024^2 CFG (8192 image rows) and Z-Image-Turbo 1024^2 (4128 rows)
     "qwen qkv": (8192, 3072, 9216),
-    "qwen out": (8192, 3072, 3072),
     "qwen mlp up": (8192, 3072, 12288),
     "qwen mlp down": (8192, 12288, 3072),
-    "z qkv": (4128, 3840, 11520),
     "z w13": (4128, 3840, 20480),
-    "z w2": (4128, 10240, 3840),
 }
 
 
-def probe_linears(report: Report, device, replays: int) -> None:
-    """bf16 `F.linear` against FP8 (`fp8.linear`, quantize included, compiled; the bare `_scaled_mm`; torchao's
-    row-wise FP8 when importable) at the DiTs' matmul shapes."""
-    try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
-        torchao_ok = True
-    except Exception as exc:  # noqa: BLE001 - optional: record why
-        report.add(kind="probe", name="torchao", skipped=f"{type(exc).__name__}: {str(exc)[:200]}")
-        torchao_ok = False
+def probe_linears(report: Report, device, replays: int, torchao: bool = False) -> None:
+    """bf16 `F.linear` against FP8 (`fp8.linear`, quantize included, compiled; the bare `_scaled_mm`) at the
+    DiTs' matmul shapes; with `torchao`, torchao's row-wise FP8 linear instead (imported last of all, so that
+    whatever it registers cannot touch the other measurements)."""
+    if torchao:
+        try:
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        except Exception as exc:  # noqa: BLE001 - optional: record why
+            report.add(kind="linear", name="torchao", skipped=f"{type(exc).__name__}: {str(exc)[:200]}")
+            return
     gen = torch.Generator(device=device).manual_seed(2)
     for name, (m, k, n) in LINEAR_SHAPES.items():
         def run(m=m, k=k, n=n):
@@ -893,6 +890,17 @@ def probe_linears(report: Report, device, replays: int) -> None:
             out = {}
             res, ref, _ = timed(lambda x: F.linear(x, w, b), (x,), replays * 4)
             out["bf16_ms"] = res["ms"]
+            if torchao:
+                module = torch.nn.Sequential(torch.nn.Linear(k, n, device=device, dtype=torch.bfloat16))
+                with torch.no_grad():
+                    module[0].weight.copy_(w)
+                    module[0].bias.copy_(b)
+                quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+                ao = torch.compile(lambda x: module(x), fullgraph=True)
+                res, got_ao, _ = timed(ao, (x,), replays * 4)
+                rate = round(flop / (res["ms"] * 1e9), 1)
+                return {"shape": [m, k, n], "bf16_ms": out["bf16_ms"], "torchao_ms": res["ms"],
+                        "torchao_rel_err": _rel(got_ao, ref), "torchao_tflops": rate}  # fmt: skip
             q, s = fp8.quantize_rows(w)
             s = s.reshape(1, -1).contiguous()
             qx, sx = fp8.quantize_rows(x)
@@ -903,21 +911,11 @@ def probe_linears(report: Report, device, replays: int) -> None:
             res, got, _ = timed(lin, (x,), replays * 4)
             out["fp8_linear_ms"] = res["ms"]
             out["fp8_rel_err"] = _rel(got, ref)
-            if torchao_ok:
-                module = torch.nn.Sequential(torch.nn.Linear(k, n, device=device, dtype=torch.bfloat16))
-                with torch.no_grad():
-                    module[0].weight.copy_(w)
-                    module[0].bias.copy_(b)
-                quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
-                ao = torch.compile(lambda x: module(x), fullgraph=True)
-                res, got_ao, _ = timed(ao, (x,), replays * 4)
-                out["torchao_ms"] = res["ms"]
-                out["torchao_rel_err"] = _rel(got_ao, ref)
             rates = {f"{key[:-3]}_tflops": round(flop / (v * 1e9), 1) for key, v in out.items() if key.endswith("_ms")}
             out.update(rates)
             return {"shape": [m, k, n], **out}
 
-        guarded(report, "linear", name, 25, run)
+        guarded(report, "linear", f"{name}{' torchao' if torchao else ''}", 25, run)
 
 
 # ------------------------------------------------------------------------------------------------------ phases
@@ -1131,7 +1129,7 @@ def table(report: Report) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------- main
-PHASES = ("probes", "qwen-1024", "z-image", "qwen-2048", "inductor")
+PHASES = ("probes", "qwen-1024", "z-image", "qwen-2048", "inductor", "torchao")
 
 
 def parse_recipe(text: str) -> Recipe:
@@ -1148,7 +1146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny checkpoints on the CPU, float32")
     parser.add_argument("--smoke-compile", action="store_true", help="smoke with dynamo tracing (eager backend)")
     parser.add_argument("--phases", default=",".join(PHASES))
-    parser.add_argument("--budget-s", type=float, default=480.0, help="stop starting measurements after this")
+    parser.add_argument("--budget-s", type=float, default=520.0, help="start no measurement that would end later")
     parser.add_argument("--replays", type=int, default=10, help="timed graph replays per forward (median)")
     parser.add_argument("--steps", type=int, default=8, help="Euler steps of the fidelity trajectories")
     parser.add_argument("--out", default=os.environ.get("OUT") or "bench-out")
@@ -1195,9 +1193,14 @@ def main(argv: list[str] | None = None) -> int:
         phase_qwen_2048(bench, qwen, args.smoke, device, dtype)
     if "inductor" in phases and qwen is not None and not args.smoke:
         phase_inductor(bench, qwen)
+    if "torchao" in phases and not args.smoke:
+        probe_linears(report, device, args.replays, torchao=True)
     for name, part in (("qwen-image", qwen), ("z-image", z)):
         if part is not None:
             release(report, name, part["model"])
+    from torch._dynamo.utils import counters
+
+    report.data["dynamo"] = {"stats": dict(counters["stats"]), "recompile_reasons": len(counters["recompiles"])}
     report.data["elapsed_s"] = report.elapsed()
     report.save()
     print("\n" + table(report), flush=True)
