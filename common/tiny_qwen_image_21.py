@@ -28,7 +28,7 @@ LATENT_CHANNELS = 64  # VAE z_dim == the DiT's in/out channels (the pipeline rea
 TURBO_SIGMAS = [1.0, 0.9, 0.6]
 # Vision tiles are 32x32 pixels (patch 16, merge 2); one vision slot stands for 2x2 latent tokens.
 VISION_MIN_PIXELS = 32 * 32
-VISION_MAX_PIXELS = 4096 * 4096  # never resize what the pipeline sized: slot count must match the latent tokens
+VISION_MAX_PIXELS = 4096 * 4096  # the real maximum: the ~1 MP images the pipeline sizes are never resized again
 
 # Qwen3-VL's chat template reduced to what the pipeline renders (system turn with text items, for `_drop_idx`).
 QWEN3_VL_CHAT_TEMPLATE = (
@@ -47,7 +47,10 @@ QWEN3_VL_CHAT_TEMPLATE = (
 
 def _processor() -> Qwen3VLProcessor:
     pixels = {"shortest_edge": VISION_MIN_PIXELS, "longest_edge": VISION_MAX_PIXELS}
+    # Qwen3-VL's preprocessor values (mean/std 0.5), except a smaller minimum area: the real 65536 (256^2) would
+    # upscale a 64x64 condition image and break the one-slot-per-2x2-latent-tokens match the pipeline checks.
     vision = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2}
+    vision.update(image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(size=pixels, **vision),
         tokenizer=_make_tokenizer(_QWEN3_ADDED),

@@ -48,10 +48,12 @@ def _run(pipe: QwenImage21Pipeline, prompt: str, **kwargs) -> torch.Tensor:
     return pipe(prompt, generator=torch.Generator().manual_seed(0), **options).images
 
 
-def test_tiny_checkpoint_loads_offline_and_runs(folder) -> None:
+def test_tiny_checkpoint_loads_offline_and_runs(folder, transformer) -> None:
     pipe = QwenImage21Pipeline.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe.transformer).__name__ == "QwenImage21Transformer2DModel"
+    saved, built = pipe.transformer.state_dict(), transformer.state_dict()
+    assert saved.keys() == built.keys() and all(torch.equal(saved[k], built[k]) for k in saved)  # bit-identical
     image = _run(pipe, PROMPT)
     assert image.shape == (1, 4, 64, 64)  # RGBA: the 2.1 VAE decodes four channels
     assert torch.isfinite(image).all() and image.std() > 0.05
@@ -62,6 +64,13 @@ def test_tiny_checkpoint_loads_offline_and_runs(folder) -> None:
     condition = (image[0, :3] * 255).round().byte().permute(1, 2, 0).numpy()
     edited = _run(pipe, "make it blue", image=condition, height=None, width=None, output_resolution=64)
     assert edited.shape == (1, 4, 64, 64) and (edited - image).abs().max() > 1e-2
+
+
+def test_six_head_variant_builds(tmp_path) -> None:
+    """A DiT whose head count 4 Ulysses ranks cannot split (the layout chooser must fall back to the ring)."""
+    folder = build_qwen_image_21(tmp_path / "h6", heads=6)
+    pipe = QwenImage21Pipeline.from_pretrained(folder, local_files_only=True)
+    assert pipe.transformer.config.num_attention_heads == 6
 
 
 def test_turbo_variant_samples_its_stored_sigmas(tmp_path) -> None:
