@@ -42,12 +42,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from imagegen.common import fp8, fused_ops  # noqa: E402
-from imagegen.common.cfg import qwen_true_cfg  # noqa: E402
-from imagegen.common.fused import linear_gelu_tanh  # noqa: E402
-from imagegen.common.kernels import (  # noqa: E402
+from bench.compare import cosine
+from imagegen.common import fp8, fused_ops
+from imagegen.common.cfg import qwen_true_cfg
+from imagegen.common.fused import linear_gelu_tanh
+from imagegen.common.kernels import (
     BlockStages,
     attention_rows,
     compiled,
@@ -57,9 +56,7 @@ from imagegen.common.kernels import (  # noqa: E402
     rotate_pairs,
     use_persistent_compile_cache,
 )
-from imagegen.common.sharding import LOCAL  # noqa: E402
-
-from bench.compare import cosine  # noqa: E402
+from imagegen.common.sharding import LOCAL
 
 QWEN_LENGTHS = (27, 5)  # the e2e prompt's tiny-tokenizer length, and a short negative prompt
 Z_CAPTION = 27

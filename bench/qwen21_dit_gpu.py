@@ -20,15 +20,14 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffusers import QwenImage21Transformer2DModel  # noqa: E402
-from diffusers.models.transformers.transformer_qwenimage21 import (  # noqa: E402
+from diffusers import QwenImage21Transformer2DModel
+from diffusers.models.transformers.transformer_qwenimage21 import (
     QwenImage21AttnProcessor,
     QwenImage21KVCache,
 )
-from imagegen.common.attention import LOCAL_ATTENTION  # noqa: E402
-from imagegen.common.families.qwen_image_21_dit import Qwen21Sequence, QwenImage21DiT, layout_for  # noqa: E402
+
+from imagegen.common.attention import LOCAL_ATTENTION
+from imagegen.common.families.qwen_image_21_dit import Qwen21Sequence, QwenImage21DiT, layout_for
 
 SMOKE = dict(num_layers=2, attention_head_dim=16, num_attention_heads=4, context_in_dim=48)
 SMOKE["axes_dims_rope"] = (4, 6, 6)
