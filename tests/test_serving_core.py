@@ -466,6 +466,8 @@ def test_denoiser_group_with_a_ulysses_degree_that_does_not_divide_the_heads_fai
         cfg_parallel=False,
         collective_timeout=30.0,
         torch_threads=1,
+        kernels=None,
+        compile=None,
     )
     with pytest.raises(
         LayoutError,
