@@ -46,7 +46,8 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip install ${TORCH_INDEX_URL:+--extra-index-url "${TORCH_INDEX_URL}"} -c "${CONSTRAINTS}" -r /tmp/requirements.txt
 
 # The project itself (package imagegen, with common/ and services/ installed inside it; the generated gRPC code is
-# checked in).
+# checked in). COPY keeps imagegen/common and imagegen/services as the relative symlinks they are, and common/ and
+# services/ land beside them, so the links resolve; the wheel pip builds holds the real files.
 COPY README.md ./
 COPY imagegen ./imagegen
 COPY common ./common

@@ -34,23 +34,20 @@ import grpc
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from imagegen.common.checkpoint import open_model_folder  # noqa: E402
-from imagegen.common.families import get_family  # noqa: E402
-from imagegen.common.images import to_float_array  # noqa: E402
-from imagegen.common.options import ResolvedOptions  # noqa: E402
-from imagegen.common.serving import metrics  # noqa: E402
-from imagegen.common.serving.convert import resolved_to_proto  # noqa: E402
-from imagegen.common.serving.embeddings import TENSOR_NAME  # noqa: E402
-from imagegen.common.serving.hosting import HostedModel  # noqa: E402
-from imagegen.common.tiny import tiny_checkpoint_cached  # noqa: E402
-from imagegen.common.wire import LATENTS, pack, unpack  # noqa: E402
-from imagegen.services.denoiser import DenoiserServicer  # noqa: E402
-
-from bench.compare import psnr  # noqa: E402
-from imagegen.cli import build_parser  # noqa: E402
-from imagegen.v1 import denoiser_pb2, denoiser_pb2_grpc, encoder_pb2  # noqa: E402
+from bench.compare import psnr
+from imagegen.cli import build_parser
+from imagegen.common.checkpoint import open_model_folder
+from imagegen.common.families import get_family
+from imagegen.common.images import to_float_array
+from imagegen.common.options import ResolvedOptions
+from imagegen.common.serving import metrics
+from imagegen.common.serving.convert import resolved_to_proto
+from imagegen.common.serving.embeddings import TENSOR_NAME
+from imagegen.common.serving.hosting import HostedModel
+from imagegen.common.tiny import tiny_checkpoint_cached
+from imagegen.common.wire import LATENTS, pack, unpack
+from imagegen.services.denoiser import DenoiserServicer
+from imagegen.v1 import denoiser_pb2, denoiser_pb2_grpc, encoder_pb2
 
 MESSAGE_BYTES = 256 << 20
 # Prompt and negative embedding lengths the requests cycle through (text-to-image embeddings run ~10-300).

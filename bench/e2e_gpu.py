@@ -19,33 +19,28 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffusers import (  # noqa: E402  # noqa: E402
+from diffusers import (
     AutoencoderKL,
     AutoencoderKLQwenImage,
     DiffusionPipeline,
     QwenImageTransformer2DModel,
     ZImageTransformer2DModel,
 )
-from imagegen.common.checkpoint import open_model_folder  # noqa: E402
-from imagegen.common.denoise import StepHooks  # noqa: E402
-from imagegen.common.images import to_float_array  # noqa: E402
-from imagegen.common.kernels import attention_choices  # noqa: E402
-from imagegen.common.options import RequestOptions  # noqa: E402
-from imagegen.common.pipeline import Pipeline  # noqa: E402
-from imagegen.common.tiny import tiny_checkpoint_cached  # noqa: E402
 
-from bench.compare import cosine, psnr  # noqa: E402
-from tests.parity import Case, run_pipeline  # noqa: E402
+from bench.compare import cosine, psnr
+from imagegen.common.checkpoint import open_model_folder
+from imagegen.common.denoise import StepHooks
+from imagegen.common.images import to_float_array
+from imagegen.common.kernels import attention_choices
+from imagegen.common.options import RequestOptions
+from imagegen.common.pipeline import Pipeline
+from imagegen.common.tiny import tiny_checkpoint_cached
+from tests.parity import Case, run_pipeline
 
 PROMPT = "a red fox standing in fresh snow at dawn, soft golden light, shallow depth of field, highly detailed"
 

@@ -21,15 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+from imagegen_client.sdk import ImageClient
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from imagegen.common.tiny import tiny_checkpoint_cached  # noqa: E402
-from service_harness import Service, free_port, service_env  # noqa: E402
-
-from bench.compare import psnr  # noqa: E402
-from imagegen.sdk import ImageClient  # noqa: E402
+from bench.compare import psnr
+from imagegen.common.tiny import tiny_checkpoint_cached
+from tests.service_harness import Service, free_port, service_env
 
 FAILURES: list[str] = []
 CHECKPOINTS = {

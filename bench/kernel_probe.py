@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import traceback
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def emit(**fields) -> None:
@@ -265,6 +261,7 @@ def probe_blocks() -> None:
     import time
 
     from diffusers import QwenImageTransformer2DModel, ZImageTransformer2DModel
+
     from imagegen.common.attention import LOCAL_ATTENTION, AttentionLayout
     from imagegen.common.families.qwen_image import QwenDiT, qwen_rotary
     from imagegen.common.families.z_image import ImageSlots, ZImageDiT

@@ -29,9 +29,6 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -43,7 +40,7 @@ class _Stack:
     """Redis (when installed) and the four services as separate processes on free loopback ports."""
 
     def __init__(self, model: Path, threads: int, logs: Path, redis: bool) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "IMAGEGEN_TORCH_THREADS": str(threads)}
+        env = {**os.environ, "IMAGEGEN_TORCH_THREADS": str(threads)}
         self.procs: list[subprocess.Popen] = []
         cache: list[str] = []
         if redis:
@@ -139,11 +136,11 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
+    from imagegen_client.sdk import ImageClient
+
     from imagegen.common.options import RequestOptions
     from imagegen.common.pipeline import Pipeline
     from imagegen.common.tiny import tiny_checkpoint_cached
-
-    from imagegen.sdk import ImageClient
 
     torch.set_num_threads(args.torch_threads)
     model = tiny_checkpoint_cached(args.family)

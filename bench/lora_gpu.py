@@ -36,15 +36,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from imagegen.common.checkpoint import open_model_folder  # noqa: E402
-from imagegen.common.families import get_family  # noqa: E402
-from imagegen.common.lora.tiny import random_lora  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from bench.compare import cosine  # noqa: E402
+from bench.compare import cosine
+from imagegen.common.checkpoint import open_model_folder
+from imagegen.common.families import get_family
+from imagegen.common.lora.tiny import random_lora
 
 # (family, variant, size, steps, job index of `warmup_jobs`: 0 = CFG, 1 = no CFG)
 WORKLOADS = {

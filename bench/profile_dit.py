@@ -1,16 +1,12 @@
 """Profile one full-size Qwen-Image DiT forward: diffusers' own vs ours (random weights, bf16, 1024x1024)."""
 
-import sys
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from imagegen.common.attention import LOCAL_ATTENTION, AttentionLayout  # noqa: E402
-from imagegen.common.families.qwen_image import QwenDiT, qwen_rotary  # noqa: E402
-
-from bench.sp_gpu import build_transformer  # noqa: E402
+from bench.sp_gpu import build_transformer
+from imagegen.common.attention import LOCAL_ATTENTION, AttentionLayout
+from imagegen.common.families.qwen_image import QwenDiT, qwen_rotary
 
 torch.set_grad_enabled(False)
 device = torch.device("cuda")

@@ -29,14 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from imagegen_client.sdk import ImageClient
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from imagegen.common.tiny import tiny_checkpoint_cached  # noqa: E402
-from service_harness import RedisServer, Service, stop_all  # noqa: E402  (the test harness starts the stack)
-
-from imagegen.sdk import ImageClient  # noqa: E402
+from imagegen.common.tiny import tiny_checkpoint_cached
+from tests.service_harness import RedisServer, Service, stop_all  # the test harness starts the stack
 
 MODEL = "qwen-image"
 OPTIONS = dict(steps=2, width=32, height=32, negative_prompt="blurry", guidance_scale=4.0, output_format="npy")

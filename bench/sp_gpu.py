@@ -18,23 +18,18 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from imagegen.common.denoise import DenoiseJob, StepHooks  # noqa: E402
-from imagegen.common.families import get_family  # noqa: E402
-from imagegen.common.options import ResolvedOptions  # noqa: E402
-from imagegen.common.parallel.group import ParallelGroup  # noqa: E402
-from imagegen.common.parallel.sharding import GroupSharding  # noqa: E402
-from imagegen.common.sharding import LOCAL  # noqa: E402
-
-from bench.compare import cosine  # noqa: E402
+from bench.compare import cosine
+from imagegen.common.denoise import DenoiseJob, StepHooks
+from imagegen.common.families import get_family
+from imagegen.common.options import ResolvedOptions
+from imagegen.common.parallel.group import ParallelGroup
+from imagegen.common.parallel.sharding import GroupSharding
+from imagegen.common.sharding import LOCAL
 
 QWEN_SCHEDULER = {
     "base_image_seq_len": 256,

@@ -1,13 +1,7 @@
 """imagegen: a gRPC serving system for diffusion image models.
 
-Layout: in a source checkout the server's packages sit beside this one (`common/`, `services/`); installed, they
-live inside it (`imagegen/common`, `imagegen/services`), so nothing generic lands at the top of site-packages.
-Either way they import as `imagegen.common` and `imagegen.services`.
+Layout: the server's packages keep their top-level folders in the repository (`common/`, `services/`) and are
+reached through `imagegen/common` and `imagegen/services`, committed relative symlinks; so the source tree is the
+import tree (`imagegen.common.kernels` is `imagegen/common/kernels.py`, that is `common/kernels.py`), and the
+wheel holds the real files under `imagegen/`, nothing generic at the top of site-packages.
 """
-
-from pathlib import Path
-
-_package = Path(__file__).resolve().parent
-if not (_package / "common").is_dir() and (_package.parent / "common" / "__init__.py").is_file():
-    # A source checkout (run in place or installed editable): imagegen.common is the checkout's common/.
-    __path__.append(str(_package.parent))  # noqa: F821 (the package's module search path)

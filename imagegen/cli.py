@@ -182,21 +182,6 @@ def _make_tiny_lora(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_lora(value: str, index: int = 0) -> tuple[str, float]:
-    """`NAME_OR_PATH[:SCALE]` -> (name or path, scale); a suffix that is not a number belongs to the name."""
-    from imagegen.common.errors import InvalidArgument
-
-    head, sep, tail = value.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    if not value:
-        raise InvalidArgument(f"lora[{index}]", "is empty")
-    return value, 1.0
-
-
 def _request_options(args: argparse.Namespace):
     from imagegen.common.options import RequestOptions
 
@@ -225,9 +210,7 @@ def _generate(args: argparse.Namespace) -> int:
     images = [load_image_file(p) for p in getattr(args, "image", None) or []]
     options = _request_options(args)
     if args.target:
-        from imagegen.sdk import run_remote
-
-        array = run_remote(args, options, images)
+        array = _run_remote(args, options, images)
     else:
         array = _run_local(args, options, images)
     if array is None:  # a torchrun rank other than 0: rank 0 writes the output
@@ -235,6 +218,25 @@ def _generate(args: argparse.Namespace) -> int:
     for path in write_outputs(array, args.output):
         print(path)
     return 0
+
+
+def _run_remote(args: argparse.Namespace, options, images):
+    """`--target HOST:PORT`: the same request through a gateway; float32 `[K, H, W, 3]`."""
+    from imagegen_client.sdk import ImageClient
+
+    from imagegen.common.lora.registry import parse_lora
+    from imagegen.common.serving.convert import OPTION_FIELDS
+
+    fields = {name: getattr(options, name) for name in (*OPTION_FIELDS, "num_images")}
+    fields["loras"] = [parse_lora(value, i) for i, value in enumerate(args.lora)]
+    trusted = os.environ.get("IMAGEGEN_ALLOW_PLAINTEXT_KEY") == "1"  # the CLI's way to say the network is trusted
+    with ImageClient(args.target, api_key=args.api_key, model=args.model, allow_plaintext_key=trusted) as client:
+        if images:
+            result = client.edit(images, options.prompt, output_format="npy", **fields)
+        else:
+            result = client.generate(options.prompt, output_format="npy", **fields)
+    print(f"seed {result.seed}", file=sys.stderr)
+    return result.array
 
 
 def _run_local(args: argparse.Namespace, options, images):
@@ -265,6 +267,7 @@ def _run_pipeline(model: str, options, images, args: argparse.Namespace, denoise
     import torch
 
     from imagegen.common.denoise import StepHooks
+    from imagegen.common.lora.registry import parse_lora
     from imagegen.common.pipeline import Pipeline
 
     torch.set_grad_enabled(False)

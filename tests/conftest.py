@@ -1,17 +1,8 @@
-"""Make the repository's top-level packages importable when pytest runs without the project installed, and
-the fixtures every parity module shares."""
-
-import pathlib
-import sys
+"""The fixtures every parity module shares. The packages come from the venv (`scripts/setup-venv dev` installs
+the server and the client editable), `tests.*` from the checkout's root."""
 
 import pytest
 import torch
-
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The server's packages (imagegen, with common/ and services/ through imagegen/__init__.py) and the client's.
-for _path in (str(_ROOT / "clients" / "python"), str(_ROOT)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
 
 
 @pytest.fixture(scope="module")

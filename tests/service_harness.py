@@ -27,8 +27,6 @@ def free_port() -> int:
 
 def service_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_")}
-    paths = [str(ROOT), str(ROOT / "clients" / "python"), env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
     env["IMAGEGEN_TORCH_THREADS"] = str(TORCH_THREADS)
     env.update(extra)
     return env

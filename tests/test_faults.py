@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-from imagegen.common.tiny import tiny_checkpoint_cached
-from service_harness import RedisServer, Service, stop_all
+from imagegen_client.sdk import ImageClient
 
-from imagegen.sdk import ImageClient
+from imagegen.common.tiny import tiny_checkpoint_cached
+from tests.service_harness import RedisServer, Service, stop_all
 
 MODEL = "qwen-image"
 CLIENTS = 4

@@ -29,11 +29,10 @@ import torch
 from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from imagegen.common.serving.status import parse_error
 from imagegen.common.tiny import QWEN3_HIDDEN, QWEN_TEXT_HIDDEN, tiny_checkpoint_cached
 from imagegen.common.wire import LATENTS, pack
-from service_harness import TORCH_THREADS, RedisServer, Service, free_port, stop_all
-
 from imagegen.v1 import (
     common_pb2,
     denoiser_pb2,
@@ -45,6 +44,7 @@ from imagegen.v1 import (
     vae_pb2,
     vae_pb2_grpc,
 )
+from tests.service_harness import TORCH_THREADS, RedisServer, Service, free_port, stop_all
 
 EDIT, ZIMAGE = "qwen-image-edit", "z-image"
 EMBED_DIM = {EDIT: QWEN_TEXT_HIDDEN, ZIMAGE: QWEN3_HIDDEN}

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from imagegen_client.sdk import ImageClient
+
 from imagegen.common.checkpoint import open_model_folder
 from imagegen.common.denoise import DenoiseJob
 from imagegen.common.families import get_family
@@ -28,10 +30,8 @@ from imagegen.common.serving.convert import resolved_to_proto
 from imagegen.common.serving.status import GROUP_FAILED, parse_error
 from imagegen.common.tiny import tiny_checkpoint_cached
 from imagegen.common.wire import LATENTS, pack, unpack
-from service_harness import TORCH_THREADS, Service, TorchrunService, service_env, stop_all
-
-from imagegen.sdk import ImageClient
 from imagegen.v1 import denoiser_pb2, denoiser_pb2_grpc, encoder_pb2
+from tests.service_harness import TORCH_THREADS, Service, TorchrunService, service_env, stop_all
 
 MODEL = "qwen-image"
 COLLECTIVE_TIMEOUT = 10.0

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from safetensors.torch import save_file
+
 from imagegen.common.errors import InvalidArgument
 from imagegen.common.lora import AdapterCache, AdapterError, LoraRegistry, read_adapter
 from imagegen.common.lora.files import check_fits
@@ -24,8 +26,6 @@ from imagegen.common.parallel.launch import local_group
 from imagegen.common.parallel.spec import GroupSpec
 from imagegen.common.pipeline import Pipeline
 from imagegen.common.tiny import tiny_checkpoint_cached
-from safetensors.torch import save_file
-
 from tests.parity import CASES, THREADS, Case, Run, _recorder, assert_parity, compare_runs, run_pipeline
 
 # One scenario per family (Qwen with true CFG; Z-Image-Turbo, no CFG); the group runs them at sizes where each
@@ -276,7 +276,8 @@ def test_cache_is_bounded_in_bytes_and_reloads_a_replaced_file(tmp_path, qwen_tr
 
 # ------------------------------------------------------------------------------------------------------ CLI
 def test_cli_lora_flag_and_make_tiny_lora(tmp_path, capsys) -> None:
-    from imagegen.cli import main, parse_lora
+    from imagegen.cli import main
+    from imagegen.common.lora.registry import parse_lora
 
     assert parse_lora("style") == ("style", 1.0)
     assert parse_lora("style:0.8") == ("style", 0.8)

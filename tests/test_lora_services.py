@@ -14,15 +14,15 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from imagegen_client.sdk import ImageClient
+
 from imagegen.common.lora.tiny import make_tiny_lora
 from imagegen.common.options import RequestOptions
 from imagegen.common.pipeline import Pipeline
 from imagegen.common.serving.status import parse_error
 from imagegen.common.tiny import tiny_checkpoint_cached
-from service_harness import TORCH_THREADS, Service, stop_all
-
-from imagegen.sdk import ImageClient
 from imagegen.v1 import common_pb2, image_service_pb2, image_service_pb2_grpc
+from tests.service_harness import TORCH_THREADS, Service, stop_all
 
 REQUEST = dict(negative_prompt="blurry", guidance_scale=4.0, width=64, height=64)
 

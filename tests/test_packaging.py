@@ -1,11 +1,13 @@
 """What the two wheels install: the server puts only `imagegen` at the top of site-packages (its common/ and
-services/ inside it), the client only `imagegen_client`; the client needs no torch and declares exactly the
-dependencies it imports; the floors the generated code needs are declared."""
+services/ inside it, as real files although the checkout reaches them through symlinks), the client only
+`imagegen_client`; the client needs no torch and declares exactly the dependencies it imports; the floors the
+generated code needs are declared."""
 
 from __future__ import annotations
 
 import email
 import shutil
+import stat
 import subprocess
 import sys
 import zipfile
@@ -27,11 +29,12 @@ def _wheel(source: Path, out: Path) -> zipfile.ZipFile:
 
 
 def _copy(names, source: Path, target: Path) -> None:
-    """A copy to build from, so that the build leaves nothing in the checkout."""
+    """A copy to build from, so that the build leaves nothing in the checkout; symlinks stay symlinks (as in a
+    clone), so the build sees imagegen/common -> ../common."""
     for name in names:
         path = source / name
         if path.is_dir():
-            shutil.copytree(path, target / name, ignore=IGNORE)
+            shutil.copytree(path, target / name, symlinks=True, ignore=IGNORE)
         else:
             shutil.copy2(path, target / name)
 
@@ -58,15 +61,24 @@ def _top_level(wheel: zipfile.ZipFile) -> set[str]:
 
 
 def test_server_wheel_installs_only_the_imagegen_package(wheels):
-    names = set(wheels["server"].namelist())
-    assert _top_level(wheels["server"]) == {"imagegen"}  # no site-packages/common, no site-packages/services
+    server = wheels["server"]
+    names = set(server.namelist())
+    assert _top_level(server) == {"imagegen"}  # no site-packages/common, no site-packages/services
     assert {
         "imagegen/common/__init__.py",
         "imagegen/common/serving/gateway.py",
         "imagegen/services/gateway.py",
     } <= names
-    assert {"imagegen/services/http_api.py", "imagegen/v1/encoder_pb2.py", "imagegen/sdk.py"} <= names
+    assert {"imagegen/services/http_api.py", "imagegen/v1/encoder_pb2.py", "imagegen/cli.py"} <= names
     assert "imagegen/v1/image_service_pb2.py" not in names  # the public stubs are the client's (one copy)
+    # Discovery finds every package of the checkout (no hand-kept list to forget one in) and nothing else.
+    folders = [p.parent.relative_to(ROOT) for top in ("common", "services") for p in (ROOT / top).rglob("__init__.py")]
+    packages = {f"imagegen/{folder.as_posix()}" for folder in folders} | {"imagegen", "imagegen/v1"}
+    assert {name.rsplit("/", 1)[0] for name in names if name.endswith("/__init__.py")} == packages
+    # The symlinks of the checkout become real files: a symlink in a wheel would point nowhere once installed.
+    links = [i.filename for i in server.infolist() if stat.S_ISLNK(i.external_attr >> 16)]
+    assert not links and server.getinfo("imagegen/common/kernels.py").file_size > 0
+    assert server.read("imagegen/common/kernels.py") == (ROOT / "common" / "kernels.py").read_bytes()
     requires = _requires(wheels["server"])
     assert requires["imagegen-client"] == "imagegen-client==0.1.0"
     for grpc_package in ("grpcio", "grpcio-health-checking", "grpcio-reflection", "grpcio-status"):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import sys
 from pathlib import Path
 
-from imagegen.common.options import RequestOptions
-
 from imagegen.cli import build_parser
+from imagegen.common.options import RequestOptions
 from imagegen.v1 import common_pb2, image_service_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,11 +65,18 @@ def test_output_formats_and_service_surface():
 
 
 def test_public_stubs_have_one_copy_in_the_client_distribution():
-    import imagegen.v1.common_pb2 as server_common
     import imagegen_client.v1.common_pb2
     import imagegen_client.v1.image_service_pb2
 
-    # The server's imagegen.v1 names the client's modules: one set of classes, one descriptor-pool entry.
-    assert server_common is imagegen_client.v1.common_pb2 and common_pb2 is server_common
-    assert image_service_pb2 is imagegen_client.v1.image_service_pb2
+    import imagegen.v1
+    from imagegen.v1 import denoiser_pb2, encoder_pb2_grpc, vae_pb2
+
+    # imagegen.v1 re-exports the client's modules (one set of classes, one descriptor-pool entry) without posing
+    # as their package: no imagegen.v1.common_pb2 module exists, and the internal stubs import the client's.
+    assert common_pb2 is imagegen_client.v1.common_pb2 and image_service_pb2 is imagegen_client.v1.image_service_pb2
     assert image_service_pb2.GenerateImageRequest.__module__ == "imagegen_client.v1.image_service_pb2"
+    assert importlib.util.find_spec("imagegen.v1.common_pb2") is None
+    assert not any(name.startswith("imagegen.v1.") and "common" in name for name in sys.modules)
+    for stub in (denoiser_pb2, encoder_pb2_grpc, vae_pb2):
+        assert stub.imagegen_dot_v1_dot_common__pb2 is imagegen_client.v1.common_pb2, stub.__name__
+    assert set(imagegen.v1.__all__) == {"common_pb2", "common_pb2_grpc", "image_service_pb2", "image_service_pb2_grpc"}

@@ -16,12 +16,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2
-from imagegen.common.tiny import tiny_checkpoint_cached
-from service_harness import TORCH_THREADS, Service, free_port, stop_all
+from imagegen_client.sdk import ImageClient, UnavailableError
 
 from imagegen.cli import main as cli_main
-from imagegen.sdk import ImageClient, UnavailableError
+from imagegen.common.tiny import tiny_checkpoint_cached
 from imagegen.v1 import common_pb2, encoder_pb2_grpc, image_service_pb2, image_service_pb2_grpc
+from tests.service_harness import TORCH_THREADS, Service, free_port, stop_all
 
 OPTIONS = ["--prompt", "a red fox", "--width", "64", "--height", "48", "--steps", "2", "--seed", "4"]
 

@@ -27,11 +27,10 @@ import torch
 from diffusers import QwenImageEditPipeline, QwenImagePipeline, ZImagePipeline
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from imagegen_client.sdk import AsyncImageClient, ImageClient, InvalidArgumentError, RetryPolicy, UnauthenticatedError
+
 from imagegen.common.serving.status import EMBEDDINGS_MISSING, QUEUE_FULL, parse_error
 from imagegen.common.tiny import tiny_checkpoint_cached
-from service_harness import TORCH_THREADS, RedisServer, Service, stop_all
-
-from imagegen.sdk import AsyncImageClient, ImageClient, InvalidArgumentError, RetryPolicy, UnauthenticatedError
 from imagegen.v1 import (
     common_pb2,
     denoiser_pb2,
@@ -40,6 +39,7 @@ from imagegen.v1 import (
     image_service_pb2,
     image_service_pb2_grpc,
 )
+from tests.service_harness import TORCH_THREADS, RedisServer, Service, stop_all
 
 API_KEY = "test-key-0123456789"
 AUTH = (("authorization", f"Bearer {API_KEY}"),)

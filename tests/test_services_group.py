@@ -17,14 +17,14 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from imagegen_client.sdk import ImageClient
+
 from imagegen.common.denoise import StepHooks
 from imagegen.common.options import RequestOptions
 from imagegen.common.pipeline import Pipeline
 from imagegen.common.tiny import tiny_checkpoint_cached
-from service_harness import TORCH_THREADS, Service, TorchrunService, stop_all
-
-from imagegen.sdk import ImageClient
 from imagegen.v1 import common_pb2, image_service_pb2, image_service_pb2_grpc
+from tests.service_harness import TORCH_THREADS, Service, TorchrunService, stop_all
 
 MODEL = "qwen-image"
 REQUEST = dict(negative_prompt="blurry", guidance_scale=4.0, steps=3, width=128, height=128)

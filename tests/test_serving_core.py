@@ -12,6 +12,8 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from prometheus_client import REGISTRY
+
 from imagegen.common.cache import EmbeddingKey, LruBytes, RedisStore
 from imagegen.common.denoise import StepHooks
 from imagegen.common.errors import Cancelled, InvalidArgument
@@ -38,10 +40,8 @@ from imagegen.common.serving.status import (
 from imagegen.common.serving.tls import TlsConfig
 from imagegen.common.serving.transport import client_options
 from imagegen.common.wire import pack, unpack
-from prometheus_client import REGISTRY
-from service_harness import RedisServer, free_port
-
 from imagegen.v1 import common_pb2, denoiser_pb2_grpc, encoder_pb2, encoder_pb2_grpc, vae_pb2_grpc
+from tests.service_harness import RedisServer, free_port
 
 
 # ------------------------------------------------------------------------------------------------ wire, outputs

@@ -16,6 +16,8 @@ import pytest
 import torch
 from diffusers.utils import load_image
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from imagegen_client.sdk import ImageClient, is_loopback
+
 from imagegen.common.denoise import StepHooks
 from imagegen.common.errors import InvalidArgument
 from imagegen.common.families import get_family
@@ -36,9 +38,7 @@ from imagegen.common.validation import (
     check_response_size,
     response_bytes,
 )
-from service_harness import free_port
-
-from imagegen.sdk import ImageClient, is_loopback
+from tests.service_harness import free_port
 
 EDIT = get_family("qwen-image-edit")
 

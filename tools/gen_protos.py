@@ -4,8 +4,8 @@
     python tools/gen_protos.py --check   # exit 1 if the checked-in code is stale
 
 The public API (`common.proto`, `image_service.proto`) goes to the client distribution,
-`clients/python/imagegen_client/v1/`, with its imports rewritten to `imagegen_client.v1` (one copy: the server
-imports it from there through `imagegen.v1`). The internal stage APIs stay in the server's `imagegen/v1/`.
+`clients/python/imagegen_client/v1/`. The internal stage APIs stay in the server's `imagegen/v1/`. Every import of
+a public module, in either place, is rewritten to `imagegen_client.v1` (one copy in the descriptor pool).
 
 The output depends on the grpcio-tools version (it bundles protoc); `tests/test_protos.py` runs the check.
 """
@@ -36,7 +36,8 @@ def _is_public(name: str) -> bool:
 
 
 def _relocate(text: str) -> str:
-    """Point a public module's imports (and its classes' __module__) at imagegen_client.v1."""
+    """Point the imports of the public modules (and, in a public module, its classes' __module__) at
+    imagegen_client.v1."""
     for stem in PUBLIC:
         text = text.replace(f"from imagegen.v1 import {stem}_pb2 ", f"from imagegen_client.v1 import {stem}_pb2 ")
         text = text.replace(f"'imagegen.v1.{stem}_pb2'", f"'imagegen_client.v1.{stem}_pb2'")
@@ -57,11 +58,8 @@ def generate() -> dict[Path, str]:
         for path in sorted((out_dir / PACKAGE).iterdir()):
             if not path.name.endswith(GENERATED_SUFFIXES):
                 continue
-            text = path.read_text()
-            if _is_public(path.name):
-                result[PUBLIC_DIR / path.name] = _relocate(text)
-            else:
-                result[INTERNAL_DIR / path.name] = text
+            folder = PUBLIC_DIR if _is_public(path.name) else INTERNAL_DIR
+            result[folder / path.name] = _relocate(path.read_text())
         return result
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from imagegen.common.errors import InvalidArgument
 from imagegen.common.lora.files import Adapter, AdapterError, check_fits, read_adapter
 
@@ -63,6 +64,20 @@ def check_lora_scales(weights: Sequence[tuple[str, float]], prefix: str = "loras
             raise InvalidArgument(
                 f"{prefix}[{index}].scale", f"must be between -{MAX_SCALE} and {MAX_SCALE}, got {scale}"
             )
+
+
+def parse_lora(value: str, index: int = 0) -> tuple[str, float]:
+    """The CLI's `--lora NAME_OR_PATH[:SCALE]` -> (name or path, scale); a suffix that is not a number belongs
+    to the name (a path may hold colons)."""
+    head, sep, tail = value.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    if not value:
+        raise InvalidArgument(f"lora[{index}]", "is empty")
+    return value, 1.0
 
 
 def check_lora_weights(weights: Sequence[tuple[str, float]], prefix: str = "loras") -> None:

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from imagegen.common.checkpoint import open_model_folder, parse_device, parse_dtype
@@ -92,12 +91,8 @@ def local_group(spec: GroupSpec):
     saved = {name: os.environ.get(name) for name in _RENDEZVOUS_VARS}
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
     command = [sys.executable, "-m", "imagegen.common.parallel.worker", "--spec", spec.to_json()]
-    root = str(Path(__file__).resolve().parents[2])
-    env_path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     processes = [
-        subprocess.Popen(
-            command, env={**os.environ, **rendezvous, "RANK": str(r), "LOCAL_RANK": str(r), "PYTHONPATH": env_path}
-        )
+        subprocess.Popen(command, env={**os.environ, **rendezvous, "RANK": str(r), "LOCAL_RANK": str(r)})
         for r in range(1, world)
     ]
     workers = _Workers(processes)

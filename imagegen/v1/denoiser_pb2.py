@@ -22,7 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from imagegen.v1 import common_pb2 as imagegen_dot_v1_dot_common__pb2
+from imagegen_client.v1 import common_pb2 as imagegen_dot_v1_dot_common__pb2
 from imagegen.v1 import encoder_pb2 as imagegen_dot_v1_dot_encoder__pb2
 
 

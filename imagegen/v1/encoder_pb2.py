@@ -22,7 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from imagegen.v1 import common_pb2 as imagegen_dot_v1_dot_common__pb2
+from imagegen_client.v1 import common_pb2 as imagegen_dot_v1_dot_common__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19imagegen/v1/encoder.proto\x12\x0bimagegen.v1\x1a\x18imagegen/v1/common.proto\"p\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1b\n\x13max_sequence_length\x18\x03 \x01(\x05\x12\x0e\n\x06images\x18\x04 \x03(\x0c\x12\x0e\n\x06inline\x18\x05 \x01(\x08\".\n\nEmbeddings\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0bsafetensors\x18\x02 \x01(\x0c\"P\n\x0e\x45ncodeResponse\x12+\n\nembeddings\x18\x01 \x01(\x0b\x32\x17.imagegen.v1.Embeddings\x12\x11\n\tcache_hit\x18\x02 \x01(\x08\x32\x95\x01\n\x0e\x45ncoderService\x12\x41\n\x06\x45ncode\x12\x1a.imagegen.v1.EncodeRequest\x1a\x1b.imagegen.v1.EncodeResponse\x12@\n\x08\x44\x65scribe\x12\x1c.imagegen.v1.DescribeRequest\x1a\x16.imagegen.v1.ModelInfob\x06proto3')

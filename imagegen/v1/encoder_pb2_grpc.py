@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from imagegen.v1 import common_pb2 as imagegen_dot_v1_dot_common__pb2
+from imagegen_client.v1 import common_pb2 as imagegen_dot_v1_dot_common__pb2
 from imagegen.v1 import encoder_pb2 as imagegen_dot_v1_dot_encoder__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
