@@ -39,6 +39,7 @@ from imagegen.cli import build_parser
 from imagegen.common.checkpoint import open_model_folder
 from imagegen.common.families import get_family
 from imagegen.common.images import to_float_array
+from imagegen.common.kernels import configure_compiler
 from imagegen.common.options import ResolvedOptions
 from imagegen.common.serving import metrics
 from imagegen.common.serving.convert import resolved_to_proto
@@ -305,6 +306,7 @@ def main() -> int:
         torch.set_num_threads(2)
     elif not torch.cuda.is_available():
         parser.error("needs a GPU (or --smoke)")
+    configure_compiler()  # start-up, as `imagegen serve`
     torch.set_grad_enabled(False)
     out = os.environ.get("OUT")
     results = []

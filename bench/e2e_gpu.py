@@ -36,7 +36,7 @@ from bench.compare import cosine, psnr
 from imagegen.common.checkpoint import open_model_folder
 from imagegen.common.denoise import StepHooks
 from imagegen.common.images import to_float_array
-from imagegen.common.kernels import attention_choices
+from imagegen.common.kernels import attention_choices, configure_compiler
 from imagegen.common.options import RequestOptions
 from imagegen.common.pipeline import Pipeline
 from imagegen.common.tiny import tiny_checkpoint_cached
@@ -375,6 +375,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny checkpoints on the CPU, float32")
     parser.add_argument("--profile", default="", help="comma-separated workloads to profile (a 2-step kernel table)")
     args = parser.parse_args()
+    configure_compiler()  # start-up, as `imagegen serve`
     torch.set_grad_enabled(False)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA GPU: use --smoke")

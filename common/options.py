@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from imagegen.common.errors import InvalidArgument
 
 MAX_SEED = 2**63 - 1
+# (width, height) of the sizes the OpenAI-compatible HTTP API advertises (its `size` parameter, besides `auto`:
+# the model's default); `--warmup-sizes default` warms them up too.
+ADVERTISED_SIZES = ((1024, 1024), (1536, 1024), (1024, 1536))
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """Warm-up before a denoiser reports SERVING: compile, autotune and capture the fast path for the configured
-sizes, so the first real request of those sizes pays none of it (other sizes compile on first use, once).
+sizes. The compiled blocks' image and text dims are dynamic, so the first size compiles them for every size; each
+further size (warmed up here or first met in a request) costs its CUDA graph captures (about one extra forward per
+shape, as a new prompt length does) and the attention kernel measurement of its new shapes (a few ms).
 
 Each family supplies its warm-up jobs (`Family.warmup_jobs`): a short CFG job whose two prompts have different
 lengths (the text-length dimension compiles dynamic, and both attention layouts are traced) and one without
@@ -14,19 +16,20 @@ import time
 from imagegen.common.denoise import StepHooks
 from imagegen.common.errors import InvalidArgument
 from imagegen.common.families import Family
+from imagegen.common.options import ADVERTISED_SIZES
 
 log = logging.getLogger(__name__)
 
 
 def parse_sizes(text: str | None, family: Family) -> list[tuple[int, int]]:
-    """`"1024x1024,768x1344"` -> [(width, height), ...]; `"default"` is the family's default size, `"none"` or
-    empty nothing."""
+    """`"1024x1024,768x1344"` -> [(width, height), ...]; `"default"` is the family's default size and the sizes
+    the HTTP API advertises (`ADVERTISED_SIZES`), `"none"` or empty nothing."""
     text = (text or "").strip().lower()
     if text in ("", "none", "off"):
         return []
     if text == "default":
         side = family.defaults.size or 1024
-        return [(side, side)]
+        return list(dict.fromkeys([(side, side), *ADVERTISED_SIZES]))
     sizes = []
     for part in text.split(","):
         width, sep, height = part.strip().partition("x")

@@ -245,6 +245,7 @@ def _run_local(args: argparse.Namespace, options, images):
     if args.sp < 1:
         raise InvalidArgument("sp", f"must be at least 1, got {args.sp}")
     model = args.model or str(_demo_checkpoint(args))
+    from imagegen.common.kernels import configure_compiler
     from imagegen.common.parallel.launch import (
         follow_as_rank,
         group_denoiser,
@@ -253,6 +254,7 @@ def _run_local(args: argparse.Namespace, options, images):
     )
     from imagegen.common.parallel.spec import GroupSpec
 
+    configure_compiler()  # start-up, before any stage runs
     spec = GroupSpec.from_flags(args, model, args.dtype, args.device)  # every rank of a group gets all of it
     if is_torchrun_follower():  # under torchrun, rank 0 runs the pipeline and writes the output
         follow_as_rank(spec)

@@ -17,6 +17,7 @@ def serve(args: argparse.Namespace) -> int:
     """Run the chosen service(s); returns the process exit status. Configuration errors raise ImagegenError."""
     import asyncio
 
+    from imagegen.common.kernels import configure_compiler
     from imagegen.common.serving.config import bind_host
     from imagegen.common.serving.hosting import pin_torch_threads
     from imagegen.common.serving.logs import configure_logging
@@ -25,7 +26,8 @@ def serve(args: argparse.Namespace) -> int:
     from imagegen.services.all_in_one import endpoints
 
     configure_logging(args.log_level, args.service)
-    pin_torch_threads(args.torch_threads)
+    pin_torch_threads(args.torch_threads)  # process-wide settings: once, before any stage (thread) starts
+    configure_compiler()
     if args.service == "denoiser":
         from imagegen.common.parallel.launch import is_torchrun_follower
 

@@ -124,7 +124,8 @@ def denoiser_flags(parser: argparse.ArgumentParser) -> None:
         "--warmup-sizes",
         "IMAGEGEN_WARMUP_SIZES",
         "default",
-        "WIDTHxHEIGHT,... compiled and captured before SERVING (default: the family's default size; none)",
+        "WIDTHxHEIGHT,... captured before SERVING (default: the family's default size and the HTTP API's "
+        "advertised sizes; none). Other sizes are served at once: the compiled blocks serve every size",
     )
     add_flag(
         parser,

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+from imagegen.common.options import ADVERTISED_SIZES
 from imagegen.common.serving.status import invalid_argument
 from imagegen_client.v1 import common_pb2, image_service_pb2
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
@@ -53,7 +54,8 @@ PARAMS: tuple[Param, ...] = (
     Param(
         "size",
         Annotated[str, Field(pattern=SIZE_PATTERN)] | None,
-        "WIDTHxHEIGHT, e.g. 1024x1024; auto or unset: the model's default.",
+        f"WIDTHxHEIGHT, e.g. {', '.join(f'{w}x{h}' for w, h in ADVERTISED_SIZES)} (warmed up by default; any "
+        "other multiple of 16 within the limits works too); auto or unset: the model's default.",
     ),
     Param(
         "response_format", Literal["b64_json", "url"] | None, "b64_json (the default and the only one: url gives 400)."

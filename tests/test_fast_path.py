@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from imagegen.common import kernels
+from imagegen.common.denoise import StepHooks
 from imagegen.common.errors import InvalidArgument
 from imagegen.common.families import get_family, qwen_image
 from imagegen.common.families.qwen_image import QwenFastDiT
@@ -67,8 +68,8 @@ def test_fast_path_traps(monkeypatch) -> None:
 @pytest.mark.parametrize("name", ["qwen-image-cfg", "qwen-image-edit-plus-two-images", "z-image-cfg-norm-truncation"])
 def test_compiled_blocks_trace_whole_and_once(name: str, monkeypatch) -> None:
     """fullgraph compilation (dynamo with the eager backend: the tracing inductor sees, without codegen) gives
-    the reference results, and a second request with another prompt length (and other edit image sizes)
-    compiles nothing new."""
+    the reference results, and a second request of another image size, prompt length (and edit image sizes)
+    compiles nothing new (the image and text dims are dynamic) and gives the reference path's result."""
     monkeypatch.setenv(kernels.COMPILE_BACKEND_ENV, "eager")
     torch._dynamo.reset()
     counters.clear()
@@ -77,11 +78,18 @@ def test_compiled_blocks_trace_whole_and_once(name: str, monkeypatch) -> None:
     assert_parity(run_ours(path, case, pipeline), reference_run(name))
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 2
-    other = dataclasses.replace(case.options, prompt=case.options.prompt + " under a long winter sky, in oils")
+    other = dataclasses.replace(
+        case.options,
+        prompt=case.options.prompt + " under a long winter sky, in oils",
+        width=case.options.width + 32,
+        height=case.options.height + 16,
+    )
     sizes = tuple((w + 16, h + 32) for w, h in case.image_sizes)
-    again = run_ours(path, dataclasses.replace(case, options=other, image_sizes=sizes), pipeline)
-    assert again.images.shape == reference_run(name).images.shape
-    assert counters["stats"]["unique_graphs"] == graphs, "a new prompt length or image size recompiled"
+    again = dataclasses.replace(case, options=other, image_sizes=sizes)
+    result = run_ours(path, again, pipeline)
+    assert result.images.shape[1:3] == (other.height, other.width)
+    assert counters["stats"]["unique_graphs"] == graphs, "a new image size or prompt length recompiled"
+    assert_parity(result, run_ours(path, again, Pipeline(path, kernels="reference")))
     torch._dynamo.reset()
 
 
@@ -127,20 +135,59 @@ def test_fused_projections_are_views_of_unchanged_weights() -> None:
     assert set(transformer.state_dict()) == keys, "the fused buffers must not change saved checkpoints"
 
 
-def test_warm_up_sizes_and_jobs() -> None:
+def test_warm_up_sizes() -> None:
     family = get_family("qwen-image")
-    assert parse_sizes("default", family) == [(1024, 1024)]
+    assert parse_sizes("default", family) == [(1024, 1024), (1536, 1024), (1024, 1536)]
+    assert parse_sizes("default", get_family("qwen-image-edit")) == [(1024, 1024), (1536, 1024), (1024, 1536)]
     assert parse_sizes("64x48, 32x32", family) == [(64, 48), (32, 32)]
     assert parse_sizes("none", family) == []
     for bad in ("64", "64x50", "axb"):
         with pytest.raises(InvalidArgument) as error:
             parse_sizes(bad, family)
         assert error.value.field == "warmup_sizes"
-    for name in ("qwen-image", "qwen-image-edit-plus", "z-image"):
-        folder = Pipeline(tiny_checkpoint_cached(name)).folder
-        family = get_family(name)
-        stage = family.denoiser(folder, torch.float32, "cpu", kernels="fast", compile="off")
-        assert warm_up(stage, family, folder.config("transformer"), [(32, 32)]) >= 0
+
+
+class CountingEngine:
+    """A denoise stage that records the jobs warm-up runs through it (single jobs and batches)."""
+
+    def __init__(self, stage) -> None:
+        self.stage, self.calls = stage, []
+
+    def run(self, job, hooks):
+        self.calls.append(("run", job.options.width, job.options.height, job.negative_embeds is not None))
+        return self.stage.run(job, hooks)
+
+    def run_batch(self, jobs, hooks):
+        self.calls.append(("batch", jobs[0].options.width, jobs[0].options.height, len(jobs)))
+        return self.stage.run_batch(jobs, hooks)
+
+
+@pytest.mark.parametrize("name", ["qwen-image", "qwen-image-edit-plus", "z-image"])
+def test_warm_up_compiles_once_for_every_size(name: str, monkeypatch) -> None:
+    """Warm-up runs the family's CFG and no-CFG jobs of every size, alone and (batching on) as a batch of two;
+    the blocks compile for the first size only, and a request of a size never warmed up compiles nothing."""
+    monkeypatch.setenv(kernels.COMPILE_BACKEND_ENV, "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    folder = Pipeline(tiny_checkpoint_cached(name)).folder
+    family = get_family(name)
+    stage = family.denoiser(folder, torch.float32, "cpu", kernels="fast", compile="on")
+    engine = CountingEngine(stage)
+    config = folder.config("transformer")
+    warm_up(engine, family, config, [(32, 32)], max_batch=2)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 2, "warm-up compiled nothing"
+    warm_up(engine, family, config, [(64, 32), (32, 48)], max_batch=2)
+    assert counters["stats"]["unique_graphs"] == graphs, "a second warm-up size recompiled"
+    expected = []
+    for width, height in ((32, 32), (64, 32), (32, 48)):
+        for cfg in (True, False):
+            expected += [("run", width, height, cfg), ("batch", width, height, 2)]
+    assert engine.calls == expected
+    job = family.warmup_jobs(48, 64, config)[0]
+    assert torch.isfinite(stage.run(job, StepHooks())).all()
+    assert counters["stats"]["unique_graphs"] == graphs, "a request of a size never warmed up recompiled"
+    torch._dynamo.reset()
 
 
 def test_e2e_benchmark_smoke() -> None:

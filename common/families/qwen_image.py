@@ -471,20 +471,18 @@ class QwenFastDiT:
         pre, post = self.stages(compile)
         hidden = tr.img_in(torch.cat([latents, inputs.condition], dim=1))
         index = inputs.modulate_index if self.zero_cond_t else None
-        if inputs.condition.shape[1]:  # edit sequences vary with the input images: one graph serves them all
-            mark_dynamic(hidden, 1)
-            for table in (inputs.img_cos, inputs.img_sin, inputs.modulate_index):
-                mark_dynamic(table, 0)
+        # The image sequence (image size, plus edit images) and the text length are dynamic: one compiled graph
+        # serves every size and prompt, so a new size costs only its CUDA graph capture and attention choice.
+        for table in (inputs.img_cos, inputs.img_sin, inputs.modulate_index, inputs.txt_cos, inputs.txt_sin):
+            mark_dynamic(table, 0)
         text = tr.txt_in(tr.txt_norm(inputs.text))
         image_len = hidden.shape[1]
         valid = tuple(image_len + n for n in text_lengths)
-        mark_dynamic(inputs.txt_cos, 0)
-        mark_dynamic(inputs.txt_sin, 0)
         for i, block in enumerate(tr.transformer_blocks):
             img_mod1, img_mod2 = img_mods[i].chunk(2, dim=-1)
             txt_mod1, txt_mod2 = txt_mods[i].chunk(2, dim=-1)
             batch_dynamic(text, 1)
-            batch_dynamic(hidden)
+            batch_dynamic(hidden, 1)
             q, k, v, img_gate1, txt_gate1 = pre(
                 block, hidden, text, img_mod1, txt_mod1, index, inputs.img_cos, inputs.img_sin, inputs.txt_cos,
                 inputs.txt_sin,

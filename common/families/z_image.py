@@ -36,7 +36,6 @@ from imagegen.common.kernels import (
     batch_dynamic,
     fuse_linears,
     join_rows,
-    mark_dynamic,
     pad_rows,
     rotary_tables,
     rotate_pairs,
@@ -376,15 +375,15 @@ class ZImageFastDiT:
         rows = torch.cat([tokens, tokens.new_zeros(batch, fill, tokens.shape[2])], dim=1)
         image = tr.all_x_embedder[PATCH_KEY](rows)
         image = torch.where(inputs.registers, tr.x_pad_token.to(image.dtype), image)
+        # The image and caption lengths are dynamic: one compiled graph serves every size and prompt, so a new
+        # size costs only its CUDA graph capture and attention choice.
         for table in (inputs.image_cos, inputs.image_sin, inputs.joint_cos, inputs.joint_sin):
-            batch_dynamic(table)
+            batch_dynamic(table, 1)
         for layer in tr.noise_refiner:
-            q, k, v, *mods = pre(layer, batch_dynamic(image), adaln, inputs.image_cos, inputs.image_sin)
-            image = post(layer, image, batch_dynamic(sdpa(q, k, v)), *mods)
+            q, k, v, *mods = pre(layer, batch_dynamic(image, 1), adaln, inputs.image_cos, inputs.image_sin)
+            image = post(layer, image, batch_dynamic(sdpa(q, k, v), 1), *mods)
         unified = torch.cat([image, inputs.captions], dim=1)
         valid = tuple(image.shape[1] + n for n in caption_lengths)
-        mark_dynamic(inputs.joint_cos, 1)
-        mark_dynamic(inputs.joint_sin, 1)
         for layer in tr.layers:
             batch_dynamic(unified, 1)
             q, k, v, *mods = pre(layer, unified, adaln, inputs.joint_cos, inputs.joint_sin)

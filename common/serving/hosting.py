@@ -25,10 +25,11 @@ LOAD_LOCK = threading.Lock()
 
 
 def pin_torch_threads(threads: int) -> None:
-    """0 keeps torch's default; a fixed count makes CPU float results reproducible across processes."""
+    """0 keeps torch's default; a fixed count makes CPU float results reproducible across processes. One-time
+    process configuration at start-up, before any stage runs (the intra-op pool is process-wide). Grad mode is
+    not set here: it is per thread, and every stage entry point runs under `torch.no_grad` itself."""
     if threads:
         torch.set_num_threads(threads)
-    torch.set_grad_enabled(False)
 
 
 @dataclass
