@@ -252,17 +252,15 @@ def _run_local(args: argparse.Namespace, options, images):
         is_torchrun_follower,
         launched_by_torchrun,
     )
+    from imagegen.common.parallel.spec import GroupSpec
 
     configure_compiler()  # start-up, before any stage runs
-    for env, value in (("IMAGEGEN_KERNELS", args.kernels), ("IMAGEGEN_COMPILE", args.compile)):
-        if value:  # every rank of a group (spawned here or by torchrun) reads the same choice
-            os.environ[env] = value
-    group_args = (model, args.sp, args.cfg_parallel, args.dtype, args.device, args.collective_timeout)
+    spec = GroupSpec.from_flags(args, model, args.dtype, args.device)  # every rank of a group gets all of it
     if is_torchrun_follower():  # under torchrun, rank 0 runs the pipeline and writes the output
-        follow_as_rank(*group_args, ulysses=args.ulysses)
+        follow_as_rank(spec)
         return None
     if args.sp > 1 or args.cfg_parallel or launched_by_torchrun():
-        with group_denoiser(*group_args, ulysses=args.ulysses) as group:
+        with group_denoiser(spec) as group:
             return _run_pipeline(model, options, images, args, denoiser=group)
     return _run_pipeline(model, options, images, args)
 

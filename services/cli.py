@@ -37,5 +37,5 @@ def serve(args: argparse.Namespace) -> int:
             return follow(args)
     args.host = bind_host(args.host, public=args.service in ("gateway", "all"))
     tls = TlsConfig.from_args(args.tls_cert, args.tls_key, args.tls_ca)
-    servers = run_servers(endpoints(args, tls), args.grace_period, args.host, args.metrics_port, args.health_port)
+    servers = run_servers(endpoints(args, tls), args.drain_timeout, args.host, args.metrics_port, args.health_port)
     return asyncio.run(servers)

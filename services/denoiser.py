@@ -34,6 +34,7 @@ from imagegen.common.lora.registry import CACHE_ENV, check_lora_weights
 from imagegen.common.parallel.group import GroupError
 from imagegen.common.parallel.launch import follow_as_rank, group_denoiser, launched_by_torchrun
 from imagegen.common.parallel.runner import heartbeat_interval
+from imagegen.common.parallel.spec import GroupSpec
 from imagegen.common.serving.config import redis_password
 from imagegen.common.serving.convert import grids_from_proto, lora_info, lora_weights, resolved_from_proto
 from imagegen.common.serving.embeddings import load_embeddings
@@ -74,19 +75,7 @@ class GroupEngine:
 
     def __init__(self, args: argparse.Namespace, model: HostedModel) -> None:
         self._stack = contextlib.ExitStack()
-        dtype = str(model.dtype).removeprefix("torch.")
-        self._group = self._stack.enter_context(
-            group_denoiser(
-                args.model,
-                args.sp,
-                args.cfg_parallel,
-                dtype,
-                model.device,
-                args.collective_timeout,
-                args.torch_threads,
-                ulysses=args.ulysses,
-            )
-        )
+        self._group = self._stack.enter_context(group_denoiser(group_spec(args, model)))
         self.stage = self._group.denoiser
         self.heartbeat_s = heartbeat_interval(args.collective_timeout)
         self.on_failure: Callable[[str], None] = lambda reason: None
@@ -124,6 +113,11 @@ class GroupEngine:
 
     def close(self) -> None:
         self._stack.close()
+
+
+def group_spec(args: argparse.Namespace, model: HostedModel) -> GroupSpec:
+    """The one spec of this service's group: rank 0 (`GroupEngine`) and torchrun's other ranks (`follow`)."""
+    return GroupSpec.from_flags(args, args.model, str(model.dtype), model.device)
 
 
 def make_engine(args: argparse.Namespace, model: HostedModel):
@@ -164,9 +158,7 @@ def follow(args: argparse.Namespace) -> int:
     stop (or dies: then the next collective fails and this process exits non-zero)."""
     signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: following rank 0 until it stops the group"))
     export_kernel_choice(args)
-    model = HostedModel.from_args(args)
-    dtype = str(model.dtype).removeprefix("torch.")
-    follow_as_rank(args.model, args.sp, args.cfg_parallel, dtype, model.device, args.collective_timeout)
+    follow_as_rank(group_spec(args, HostedModel.from_args(args)))
     return 0
 
 

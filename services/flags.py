@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 
 from imagegen.common.serving.config import (
     add_cache_flags,
@@ -11,17 +10,10 @@ from imagegen.common.serving.config import (
     add_flag,
     add_model_flags,
     add_switch,
+    non_negative_float,
     non_negative_int,
     positive_int,
 )
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
-    return value
-
 
 # Batching defaults, measured (docs/benchmarks.md, one H200): on the fast path one request already keeps the card
 # compute-bound at 512^2 and up, so batches of 8 were 2-7% slower than one at a time; batching stays opt-in.

@@ -10,19 +10,27 @@ where kind is `image_generation` or `image_edit`; a failure mid-stream is an `er
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
 import math
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import PIL.Image
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from imagegen.common.serving.status import RpcFailure
-from imagegen.services.http_errors import HttpAbort, HttpContext, failure_response, plain_error, status_of
+from imagegen.services.http_errors import (
+    HttpAbort,
+    HttpContext,
+    error_body,
+    failure_response,
+    plain_error,
+    status_of,
+)
 from imagegen.services.http_params import (
     ImageEditFields,
     ImageGenerationRequest,
@@ -41,6 +49,8 @@ TIMEOUT_HEADER = "x-request-timeout"  # seconds; the HTTP spelling of a gRPC dea
 IMAGE_FIELDS = ("image", "image[]")  # the openai client sends one image as `image`, a list as `image[]`
 _USAGE = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "input_tokens_details": {}}  # not counted
 _ERRORS: dict[int | str, Any] = {"4XX": {"description": "OpenAI error shape"}, "5XX": {"description": "same"}}
+CLIENT_GONE = 499  # nginx's "client closed request": the status of an answer nobody receives, for the record
+T = TypeVar("T")
 
 
 def build_app(servicer, max_body_bytes: int, max_images: int) -> FastAPI:
@@ -138,7 +148,9 @@ async def _answer(request: Request, body, message, unary, stream):
     context = _context(request)
     fmt = body.output_format or "png"
     if not body.stream:
-        response = await unary(message, context)
+        response = await _unless_disconnected(request, unary(message, context))
+        if response is None:
+            return JSONResponse(error_body("the client disconnected", "server_error", "cancelled"), CLIENT_GONE)
         return JSONResponse(_images(response, fmt))
     events = stream(message, context)
     try:
@@ -152,6 +164,31 @@ async def _answer(request: Request, body, message, unary, stream):
     return StreamingResponse(
         _sse(first, events, kind, fmt), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
     )
+
+
+async def _unless_disconnected(request: Request, call: Awaitable[T]) -> T | None:
+    """`call`'s result, or None as soon as the client disconnects: then the call is cancelled, as a gRPC
+    caller's cancellation cancels it (the servicer logs and counts it CANCELLED, its stage calls are cancelled,
+    the denoiser stops before its next step). A streamed answer gets the same from Starlette's own watcher."""
+    work = asyncio.ensure_future(call)
+    gone = asyncio.ensure_future(_disconnect(request.receive))
+    try:
+        done, _ = await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler is cancelled itself
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+    if work in done:
+        return work.result()  # its response, or its error for the error handlers
+    await asyncio.gather(work, return_exceptions=True)  # the cancellation runs its course (access log, metrics)
+    return None
+
+
+async def _disconnect(receive: Receive) -> None:
+    """Returns when the client has gone: the body is read by now, so the next message is `http.disconnect`
+    (uvicorn sends it when the connection closes; nothing is polled)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _images(response: image_service_pb2.ImageResponse, fmt: str) -> dict:

@@ -18,6 +18,7 @@ import torch
 from imagegen.common.attention import sdpa
 from imagegen.common.parallel.launch import follow_as_rank, free_port, join_group
 from imagegen.common.parallel.runner import GroupDenoiser
+from imagegen.common.parallel.spec import GroupSpec
 from imagegen.common.parallel.usp import UlyssesRingAttention
 
 _RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -32,12 +33,12 @@ def forkserver():
     return _context
 
 
-def _follower(rank: int, env: dict[str, str], args: tuple, threads: int, patch: str | None) -> None:
+def _follower(rank: int, env: dict[str, str], spec: GroupSpec, threads: int, patch: str | None) -> None:
     os.environ.update({**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
     torch.set_num_threads(threads)
     torch.set_grad_enabled(False)
     with patched(patch):
-        follow_as_rank(*args)
+        follow_as_rank(spec)
 
 
 @contextmanager
@@ -56,10 +57,10 @@ def forked_group(
     world = sp * (2 if cfg_parallel else 1)
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
     shared = {**rendezvous, **(env or {})}
-    args = (str(model), sp, cfg_parallel, "float32", "cpu", timeout_s, ulysses)
+    spec = GroupSpec(model, sp, cfg_parallel, ulysses, timeout_s=timeout_s)
     ctx = forkserver()
     ranks = [
-        ctx.Process(target=_follower, args=(r, shared, args, threads, patch), daemon=True) for r in range(1, world)
+        ctx.Process(target=_follower, args=(r, shared, spec, threads, patch), daemon=True) for r in range(1, world)
     ]
     saved = {name: os.environ.get(name) for name in (*_RENDEZVOUS, *shared)}
     stack = ExitStack()
@@ -69,7 +70,7 @@ def forked_group(
     group = runner = None
     try:
         stack.enter_context(patched(patch))
-        group, denoiser = join_group(*args)
+        group, denoiser = join_group(spec)
         runner = GroupDenoiser(group, denoiser)
         yield runner
         runner.close()

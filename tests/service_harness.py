@@ -94,7 +94,8 @@ class Service(Process):
             self.metrics_port = free_port()
             self.address = f"127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "imagegen.cli", "serve", self.kind, "--host", "127.0.0.1"]
-        argv += ["--port", str(self.port), "--metrics-port", str(self.metrics_port), "--grace-period", "10"]
+        # The default drain (--drain-timeout): a SIGTERMed service lets what it holds finish, as in production.
+        argv += ["--port", str(self.port), "--metrics-port", str(self.metrics_port)]
         if self.kind == "all":
             if new_ports:
                 self.http_port = free_port()

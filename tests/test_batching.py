@@ -28,6 +28,7 @@ from imagegen.common.denoise import DenoiseJob, StepHooks
 from imagegen.common.errors import Cancelled
 from imagegen.common.options import RequestOptions
 from imagegen.common.parallel.launch import local_group
+from imagegen.common.parallel.spec import GroupSpec
 from imagegen.common.pipeline import Pipeline
 from imagegen.common.serving.jobs import Batching, JobQueue
 from imagegen.common.tiny import tiny_checkpoint_cached
@@ -165,7 +166,8 @@ def test_batch_on_a_group(family: str, sp: int, cfg_parallel: bool) -> None:
     decision is rank 0's; the members equal their runs alone on the same group and the cancelled one stops
     alone."""
     members = jobs(family, SP_SIZES[family])
-    with local_group(tiny_checkpoint_cached(family), sp, cfg_parallel, threads=THREADS, timeout_s=120) as group:
+    spec = GroupSpec(tiny_checkpoint_cached(family), sp, cfg_parallel, threads=THREADS, timeout_s=120)
+    with local_group(spec) as group:
         results = group.run_batch(members, [StepHooks(), StepHooks(), stop_after(1)])
         singles = [group.run(job) for job in members]
     assert_members_exact(family, members, results, singles, cancelled=2)

@@ -5,9 +5,12 @@ openai's exception classes), and a schemathesis run over /openapi.json that must
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -184,6 +187,71 @@ def test_full_queue_is_a_rate_limit_error_with_retry_after(servers):
         finally:
             waiting.cancel()
             running.cancel()
+
+
+# ------------------------------------------------------------------------------------------ callers who leave
+LONG_HTTP = {"prompt": "nobody waits", "size": "512x512", "num_inference_steps": 1000, "seed": 3}
+LEAVING = {  # entry -> the ImageService method that serves it
+    "http": "GenerateImage",
+    "http-stream": "GenerateImageStream",
+    "grpc": "GenerateImage",
+    "grpc-stream": "GenerateImageStream",
+}
+
+
+@contextlib.contextmanager
+def _leaving_caller(server: Service, entry: str):
+    """A long request on `entry`, in flight while the block runs; the caller goes away when it ends: an HTTP
+    client closes its connection, a gRPC client cancels its call."""
+    if entry.startswith("http"):
+        body = json.dumps({**LONG_HTTP, "stream": entry == "http-stream"}).encode()
+        head = (
+            f"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
+            sock.sendall(head.encode() + body)
+            yield
+        return
+    long = image_service_pb2.GenerateImageRequest(prompt="nobody waits", width=512, height=512, steps=1000, seed=3)
+    metadata = (("authorization", f"Bearer {API_KEY}"),)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = image_service_pb2_grpc.ImageServiceStub(channel)
+        if entry == "grpc":
+            call = stub.GenerateImage.future(long, metadata=metadata, timeout=120)
+        else:
+            call = stub.GenerateImageStream(long, metadata=metadata, timeout=120)
+        yield
+        call.cancel()
+
+
+def _wait_for(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("entry", list(LEAVING))
+def test_a_caller_who_leaves_frees_the_denoiser_within_a_step(servers, entry):
+    """Every public entry: once its caller has gone, the job stops before its next step (it would run 1000) and
+    the request is recorded CANCELLED; the next caller is served at once."""
+    server = servers["gen"]
+    labels = {"service": "imagegen.v1.ImageService", "method": LEAVING[entry], "code": "CANCELLED"}
+    requests_cancelled = server.metric("imagegen_requests_total", **labels)
+    jobs_cancelled = server.metric("imagegen_denoise_jobs_total", outcome="cancelled")
+    steps = server.metric("imagegen_denoise_steps_total")
+    with _leaving_caller(server, entry):
+        _wait_for(lambda: server.metric("imagegen_denoise_steps_total") >= steps + 2)  # denoising
+        left_at = server.metric("imagegen_denoise_steps_total")
+    _wait_for(lambda: server.metric("imagegen_denoise_jobs_total", outcome="cancelled") == jobs_cancelled + 1, 10)
+    # The step running when the caller left may finish; no further step starts.
+    assert server.metric("imagegen_denoise_steps_total") - left_at <= 2
+    _wait_for(lambda: server.metric("imagegen_requests_total", **labels) == requests_cancelled + 1, 10)
+    start = time.monotonic()
+    with _grpc(server) as client:
+        client.generate("the next caller", **SMALL_GRPC)
+    assert time.monotonic() - start < 10
 
 
 def _wait_stage(events, stage: int) -> None:

@@ -5,10 +5,16 @@ asking all the time while, one after the other: Redis is killed (-9) and restart
 killed (-9) and restarted, the denoiser and the gateway get SIGTERM (they drain) and are restarted. Every request
 must succeed, every image must equal its reference bit for bit, and every fault must have hit requests in
 flight.
+
+A rolling update with a deep queue: the gateway (or the denoiser) gets SIGTERM while requests wait in the
+denoiser's queue, longer than a short drain would allow. Every caller gets its image from the draining
+process, and the denoiser runs each job once: none is cut off and sent to the back of a queue again.
 """
 
 from __future__ import annotations
 
+import collections
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -138,3 +144,61 @@ def test_every_request_survives_every_stage_restarting(stack):
         spanning = sum(1 for _, start, end, _ in traffic.done if start < at < end)
         assert spanning >= MIN_SPANNING, f"no request was in flight when {fault} happened"
     assert len(traffic.done) >= 6 * CLIENTS
+
+
+# 2-3 s of denoising each on one CPU thread: 6 of them queue well over 10 s at the denoiser.
+DEEP_QUEUE_JOB = dict(steps=150, width=512, height=512, output_format="npy")
+DEEP_QUEUE_CALLERS = 6
+
+
+def _denoise_outcomes(denoiser: Service) -> collections.Counter:
+    """Status codes of the Denoise calls in the denoiser's access log (its current process)."""
+    lines = [json.loads(line) for line in denoiser.log().splitlines() if line.startswith("{")]
+    return collections.Counter(line["code"] for line in lines if line.get("method") == "Denoise")
+
+
+def _wait_for(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("stopped", ["gateway", "denoiser"])
+def test_sigterm_with_a_deep_denoiser_queue_loses_and_repeats_nothing(stack, stopped: str):
+    gateway, denoiser = stack["gateway"], stack["denoiser"]
+    before = _denoise_outcomes(denoiser)
+    results: dict[int, object] = {}
+
+    def call(index: int) -> None:
+        with ImageClient(gateway.address, timeout=CALL_TIMEOUT) as client:
+            try:
+                results[index] = client.generate(f"a deep queue, {index}", seed=index, **DEEP_QUEUE_JOB).array
+            except Exception as exc:  # asserted on below
+                results[index] = exc
+
+    callers = [threading.Thread(target=call, args=(i,)) for i in range(DEEP_QUEUE_CALLERS)]
+    for thread in callers:
+        thread.start()
+    try:
+        # One job runs, the others wait in the denoiser's queue.
+        failed = lambda: any(isinstance(r, Exception) for r in results.values())  # noqa: E731
+        _wait_for(lambda: denoiser.metric("imagegen_queue_depth") == DEEP_QUEUE_CALLERS - 1 or failed())
+        assert not failed(), results
+        stack[stopped].terminate()  # a rolling update: the replacement starts once this one has drained
+        assert stack[stopped].proc.wait(CALL_TIMEOUT) == 0, stack[stopped].log()[-2000:]
+        drained = _denoise_outcomes(denoiser)  # the denoiser that held the jobs (restarted below, if stopped)
+        _restart(stack[stopped])
+    finally:
+        for thread in callers:
+            thread.join(CALL_TIMEOUT + 10)
+    failures = {i: repr(r) for i, r in results.items() if isinstance(r, Exception)}
+    assert not failures and len(results) == DEEP_QUEUE_CALLERS, failures
+    assert all(r.shape == (1, 512, 512, 3) for r in results.values())
+    # Each job ran once, to its end, on the denoiser that held it when the SIGTERM came; nothing was cancelled
+    # and retried (the restarted denoiser ran none of them).
+    assert drained - before == collections.Counter(OK=DEEP_QUEUE_CALLERS), drained - before
+    if stopped == "denoiser":
+        assert _denoise_outcomes(denoiser)["OK"] == 0
+    else:
+        assert _denoise_outcomes(denoiser) == drained

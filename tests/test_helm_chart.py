@@ -379,13 +379,12 @@ def test_probes_and_ports_follow_the_contract(rendered, name):
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_stages_listen_on_the_pod_address_and_share_the_gateways_limits(rendered, name):
     """Stages bind 127.0.0.1 unless IMAGEGEN_HOST says otherwise; each checks requests against the same limits
-    as the gateway; torchrun gives rank 0 longer than its drain before it kills the group."""
+    as the gateway."""
     values = merged_values(name)
     limits = {
         "IMAGEGEN_" + re.sub("([A-Z])", r"_\1", k).upper(): str(v)
         for k, v in values["gateway"]["requestLimits"].items()
     }
-    grace = values["gracePeriodSeconds"]
     stages = 0
     for owner, pod in pod_templates(rendered[name]):
         component = labels(pod).get(COMPONENT)
@@ -396,9 +395,36 @@ def test_stages_listen_on_the_pod_address_and_share_the_gateways_limits(rendered
         if component in MODEL_STAGES:
             stages += 1
             assert variables["IMAGEGEN_HOST"] == {"fieldRef": {"fieldPath": "status.podIP"}}, owner
-        if main_container(pod).get("command") == ["torchrun"]:
-            assert int(variables["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) > grace, owner
     assert stages > 0
+
+
+def assert_drain_sized(objs: list[dict], drain: int) -> None:
+    """Every service drains for `drain` s; its pod outlives that (the kubelet kills it at
+    terminationGracePeriodSeconds), and torchrun kills its ranks after rank 0 has drained, before the kubelet."""
+    services = 0
+    for owner, pod in pod_templates(objs):
+        if labels(pod).get(COMPONENT) not in GRPC_PORTS:
+            continue
+        services += 1
+        variables = env(main_container(pod))
+        assert variables["IMAGEGEN_DRAIN_TIMEOUT"] == str(drain), owner
+        kill_at = pod["spec"]["terminationGracePeriodSeconds"]
+        assert kill_at > drain, owner
+        if main_container(pod).get("command") == ["torchrun"]:
+            assert drain < int(variables["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) < kill_at, owner
+    assert services > 0
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_pods_outlive_their_drain(rendered, name):
+    assert_drain_sized(rendered[name], merged_values(name)["drainTimeoutSeconds"])
+
+
+def test_termination_grace_follows_the_drain_timeout(helm):
+    """A deeper queue, a longer drain: every pod's kill time moves with drainTimeoutSeconds."""
+    proc = _helm(helm, "template", [VALUE_SETS["sp4-cfg"]], ["--set", "drainTimeoutSeconds=900"])
+    assert proc.returncode == 0, proc.stderr
+    assert_drain_sized([doc for doc in yaml.safe_load_all(proc.stdout) if doc], 900)
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))

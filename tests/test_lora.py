@@ -23,6 +23,7 @@ from imagegen.common.lora.registry import check_lora_weights, with_lora_defaults
 from imagegen.common.lora.tiny import adapted_linears, make_tiny_lora, random_lora
 from imagegen.common.options import RequestOptions
 from imagegen.common.parallel.launch import local_group
+from imagegen.common.parallel.spec import GroupSpec
 from imagegen.common.pipeline import Pipeline
 from imagegen.common.tiny import tiny_checkpoint_cached
 from tests.parity import CASES, THREADS, Case, Run, _recorder, assert_parity, compare_runs, run_pipeline
@@ -140,7 +141,7 @@ def test_sp2_group_with_two_adapters_equals_diffusers(labs, family: str) -> None
     pipeline = lab.ours
     base_job = pipeline.job(pipeline.resolve(case.options, images), images)
     lora_job = dataclasses.replace(base_job, loras=pipeline.lora_set(TWO))
-    with local_group(lab.path, 2, False, threads=THREADS, timeout_s=120) as group:
+    with local_group(GroupSpec(lab.path, 2, threads=THREADS, timeout_s=120)) as group:
         outputs, hooks = _recorder()
         ours = Run(pipeline.run_job(lora_job, hooks, group), outputs)
         after = pipeline.run_job(base_job, None, group)

@@ -26,6 +26,7 @@ from imagegen.common.parallel.group import ParallelGroup
 from imagegen.common.parallel.launch import free_port, local_group
 from imagegen.common.parallel.layout import LayoutError
 from imagegen.common.parallel.runner import GroupDenoiser, follow_leader
+from imagegen.common.parallel.spec import GroupSpec
 from imagegen.common.pipeline import Pipeline
 from imagegen.common.tiny import tiny_checkpoint_cached
 from safetensors.torch import load_file, save_file
@@ -78,7 +79,7 @@ def test_parallel_equals_single_process(checkpoint, mode: str) -> None:
     sp, cfg_parallel = MODES[mode]
     path = tiny_checkpoint_cached(family, variant)
     cases = [c for c in CASES if (c.family, c.variant) == checkpoint]
-    with local_group(path, sp, cfg_parallel, threads=THREADS, timeout_s=120) as group:
+    with local_group(GroupSpec(path, sp, cfg_parallel, threads=THREADS, timeout_s=120)) as group:
         for case in cases:
             pipeline, job, _ = encoded(case)
             assert_matches_single_process(case, run_job(pipeline, job, group))
@@ -141,7 +142,7 @@ def test_ulysses_degree_not_dividing_the_heads_fails_at_start_up() -> None:
     with pytest.raises(
         LayoutError, match=r"--ulysses 3 does not fit --sp 6 .*valid for --sp 6: --ulysses 2, --ulysses 1"
     ):
-        with local_group(path, 6, False, ulysses=3):
+        with local_group(GroupSpec(path, 6, ulysses=3)):
             pass
 
 
@@ -166,12 +167,12 @@ def test_error_in_the_callers_code_leaves_no_stale_group_behind() -> None:
     process's process group is gone, so the next group (of another size) forms and runs."""
     path = tiny_checkpoint_cached("qwen-image")
     with pytest.raises(LookupError, match="the caller's own error"):
-        with local_group(path, 2, False, threads=THREADS, timeout_s=60):
+        with local_group(GroupSpec(path, 2, threads=THREADS, timeout_s=60)):
             raise LookupError("the caller's own error")
     assert not dist.is_initialized()
     case = next(c for c in CASES if c.family == "qwen-image" and c.variant is None)
     pipeline, job, _ = encoded(case)
-    with local_group(path, 4, False, threads=THREADS, timeout_s=60) as group:
+    with local_group(GroupSpec(path, 4, threads=THREADS, timeout_s=60)) as group:
         assert_matches_single_process(case, run_job(pipeline, job, group))
     assert not dist.is_initialized()
 
@@ -190,6 +191,26 @@ def test_few_rows_per_rank_equal_one_process(name: str, width: int, height: int,
     the first two before the plan padded a local sequence to MIN_LOCAL_ROWS)."""
     case = PARITY_CASES[name].with_options(width=width, height=height)
     pipeline, job, single = encoded(case)
-    with local_group(pipeline.folder.path, sp, False, threads=THREADS, timeout_s=120, ulysses=ulysses) as group:
+    spec = GroupSpec(pipeline.folder.path, sp, ulysses=ulysses, threads=THREADS, timeout_s=120)
+    with local_group(spec) as group:
         parallel = run_job(pipeline, job, group)
     assert max_diff(parallel.images, single.images) <= IMAGE_TOLERANCE
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_group_spec_carries_every_layout_flag_to_the_ranks(command: str) -> None:
+    """`imagegen generate` and `imagegen serve denoiser` build one GroupSpec from their flags; what a spawned
+    rank receives (JSON) is that spec, every field included."""
+    from imagegen.cli import build_parser
+
+    flags = ["--sp", "4", "--ulysses", "1", "--cfg-parallel", "--collective-timeout", "7", "--kernels", "fast"]
+    flags += ["--compile", "off"]
+    if command == "generate":
+        args = build_parser().parse_args(["generate", "--prompt", "x", "--output", "o.png", *flags])
+    else:
+        args = build_parser().parse_args(["serve", "denoiser", *flags, "--torch-threads", "3"])
+    spec = GroupSpec.from_flags(args, "/models/m", "torch.bfloat16", "cuda")
+    threads = 3 if command == "serve" else 0
+    expected = GroupSpec("/models/m", 4, True, 1, "bfloat16", "cuda", 7.0, threads, "fast", "off")
+    assert spec == expected
+    assert GroupSpec.from_json(spec.to_json()) == spec

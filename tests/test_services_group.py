@@ -1,9 +1,11 @@
 """The denoiser service hosting a process group: rank 0 serves gRPC, the other ranks follow it.
 
-Two denoisers of one tiny Qwen-Image checkpoint sit behind one gateway: one spawns its sequence-parallel
-group itself (`serve denoiser --sp 2 --ulysses 1`: a ring of two), the other is started by torchrun as the Helm
-chart does (`torchrun --nproc-per-node=2 ... serve denoiser --cfg-parallel`). Both must give the one-process
-image, and a cancelled stream must stop the whole group at a step boundary with the next request still exact.
+Three denoisers of one tiny Qwen-Image checkpoint sit behind one gateway: one spawns its sequence-parallel
+group itself (`serve denoiser --sp 2 --ulysses 1`: a ring of two), two are started by torchrun as the Helm
+chart does (`torchrun --nproc-per-node=2 ... serve denoiser --cfg-parallel`, and `... --sp 2 --ulysses 1`: a
+layout other than the model's default U = 2, which every follower must take from rank 0's flags too). All must
+give the one-process image, and a cancelled stream must stop the whole group at a step boundary with the next
+request still exact.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tests.service_harness import TORCH_THREADS, Service, TorchrunService, stop_
 MODEL = "qwen-image"
 REQUEST = dict(negative_prompt="blurry", guidance_scale=4.0, steps=3, width=128, height=128)
 TOLERANCE = 1e-6  # against our own one-process run (the parallel parity bound)
+ROUTES = ("sp2", "cfg2", "ring2")
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +42,11 @@ def gateway(tmp_path_factory):
         # --ulysses 1: the two ranks are a ring (issue 13); IMAGEGEN_ULYSSES reaches the service as a flag.
         "sp2": Service("denoiser-sp2", "denoiser", [*model, "--sp", "2", "--ulysses", "1"], logs),
         "cfg2": TorchrunService("denoiser-cfg2", 2, [*model, "--cfg-parallel"], logs),
+        # A follower that built the default layout (U = 2) would not join rank 0's ring groups: the short
+        # collective timeout makes that a quick start-up failure instead of a hang.
+        "ring2": TorchrunService(
+            "denoiser-ring2", 2, [*model, "--sp", "2", "--ulysses", "1", "--collective-timeout", "30"], logs
+        ),
     }
     try:
         for service in services.values():
@@ -49,7 +57,7 @@ def gateway(tmp_path_factory):
                 "vae": services["vae"].address,
                 "denoiser": services[name].address,
             }
-            for name in ("sp2", "cfg2")
+            for name in ROUTES
         }
         gw = Service("gateway", "gateway", ["--routes", json.dumps(routes), "--default-model", "sp2"], logs)
         services["gateway"] = gw
@@ -73,14 +81,21 @@ def one_process():
     torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("route", ["sp2", "cfg2"])
+@pytest.mark.parametrize("route", ROUTES)
 def test_group_denoiser_equals_one_process(gateway, one_process, route: str) -> None:
-    gw, _ = gateway
+    gw, services = gateway
     with ImageClient(gw.address, timeout=180) as client:
         result = client.generate("a harbour at dusk", model=route, seed=7, output_format="npy", **REQUEST)
     expected = one_process("a harbour at dusk", 7)
     assert result.array.shape == expected.shape
     assert float(np.abs(result.array - expected).max()) <= TOLERANCE
+    if route == "ring2":  # both ranks built the layout asked for, not the model's default
+        assert _layouts(services[route]) == {0: "1x2 (ulysses x ring)", 1: "1x2 (ulysses x ring)"}
+
+
+def _layouts(service) -> dict[int, str]:
+    lines = [json.loads(line) for line in service.log().splitlines() if line.startswith("{")]
+    return {line["rank"]: line["layout"] for line in lines if line["message"] == "joined the denoiser group"}
 
 
 def test_cancel_stops_the_group_and_the_next_request_is_exact(gateway, one_process) -> None:

@@ -410,11 +410,11 @@ def test_api_keys_check_bearer_and_follow_file_changes(tmp_path):
 
 def test_flags_read_the_environment_and_flags_win(monkeypatch):
     monkeypatch.setenv("IMAGEGEN_PORT", "6000")
-    monkeypatch.setenv("IMAGEGEN_GRACE_PERIOD", "5")
+    monkeypatch.setenv("IMAGEGEN_DRAIN_TIMEOUT", "5")
     parser = argparse.ArgumentParser()
     add_common_flags(parser, port=50052, metrics_port=9101)
     from_env = parser.parse_args([])
-    assert (from_env.port, from_env.grace_period, from_env.metrics_port, from_env.host) == (6000, 5.0, 9101, None)
+    assert (from_env.port, from_env.drain_timeout, from_env.metrics_port, from_env.host) == (6000, 5.0, 9101, None)
     # Unset --host: the public gateway listens everywhere, the internal stages on loopback only.
     assert (bind_host(None, public=True), bind_host(None, public=False)) == ("0.0.0.0", "127.0.0.1")
     assert bind_host("10.1.2.3", public=False) == "10.1.2.3"
@@ -466,6 +466,8 @@ def test_denoiser_group_with_a_ulysses_degree_that_does_not_divide_the_heads_fai
         cfg_parallel=False,
         collective_timeout=30.0,
         torch_threads=1,
+        kernels=None,
+        compile=None,
     )
     with pytest.raises(
         LayoutError,

@@ -1,26 +1,28 @@
 """Start a denoiser group on this machine: this process becomes rank 0, the others are worker processes.
 
-Used by `imagegen generate/edit --sp P [--cfg-parallel]` and by tests. Under torchrun (WORLD_SIZE set by the
-launcher) nothing is spawned: every process joins as the rank torchrun gave it.
+Used by `imagegen generate/edit --sp P [--cfg-parallel]`, the denoiser service and tests. Under torchrun
+(WORLD_SIZE set by the launcher) nothing is spawned: every process joins as the rank torchrun gave it. Every
+entry takes one `GroupSpec` (`imagegen.common.parallel.spec`), so all ranks build the same group.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
 import sys
 import threading
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from imagegen.common.checkpoint import open_model_folder, parse_device, parse_dtype
 from imagegen.common.families import get_family
-from imagegen.common.parallel.group import DEFAULT_TIMEOUT_S, GroupError, ParallelGroup
-from imagegen.common.parallel.layout import SequenceParallelLayout, choose_layout
+from imagegen.common.parallel.group import GroupError, ParallelGroup
 from imagegen.common.parallel.runner import GroupDenoiser, follow_leader
+from imagegen.common.parallel.spec import GroupSpec
 
+log = logging.getLogger(__name__)
 _RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
@@ -31,16 +33,6 @@ def launched_by_torchrun() -> bool:
 def is_torchrun_follower() -> bool:
     """A torchrun rank other than 0: it serves nothing and runs the jobs rank 0 broadcasts."""
     return launched_by_torchrun() and int(os.environ["RANK"]) != 0
-
-
-def transformer_heads(model: str | Path) -> int:
-    config = open_model_folder(model).config("transformer")
-    return int(config.get("num_attention_heads") or config["n_heads"])
-
-
-def model_layout(model: str | Path, sp: int, ulysses: int | None = None) -> SequenceParallelLayout:
-    """The Ulysses x ring split of `--sp` for this model (`LayoutError` naming the valid ones if impossible)."""
-    return choose_layout(sp, transformer_heads(model), ulysses)
 
 
 def free_port() -> int:
@@ -82,35 +74,23 @@ class _Workers:
 
 
 @contextmanager
-def local_group(
-    model: str | Path,
-    sp: int,
-    cfg_parallel: bool,
-    dtype: str = "float32",
-    device: str = "cpu",
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-    threads: int = 0,
-    ulysses: int | None = None,
-):
-    """Yield rank 0's `GroupDenoiser` of a P x C group on this machine; stop every rank on exit. The P ranks
-    split into Ulysses x ring as `model_layout(model, sp, ulysses)` says.
+def local_group(spec: GroupSpec):
+    """Yield rank 0's `GroupDenoiser` of the group `spec` describes, on this machine; stop every rank on exit.
+    The P ranks split into Ulysses x ring as `spec.layout()` says.
 
     A rank that dies or hangs makes the next collective on rank 0 fail (a closed connection, or the collective
     timeout); `GroupDenoiser.run` raises that as `GroupError`, naming the failed rank where known, and the
     workers of a broken group are killed on exit instead of being asked to stop.
     """
-    layout = model_layout(model, sp, ulysses)
-    parse_dtype(dtype)
-    device = parse_device(device)
-    world = sp * (2 if cfg_parallel else 1)
+    spec = spec.resolved()  # a bad --ulysses fails here, before anything is spawned
+    parse_dtype(spec.dtype)
+    device = parse_device(spec.device)
+    world = spec.world
     if device.type == "cuda" and torch.cuda.device_count() < world:
         raise GroupError(f"a group of {world} processes needs {world} GPUs; {torch.cuda.device_count()} visible")
     saved = {name: os.environ.get(name) for name in _RENDEZVOUS_VARS}
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
-    command = [sys.executable, "-m", "imagegen.common.parallel.worker", "--model", str(model), "--dtype", dtype]
-    command += ["--device", device.type, "--sp", str(sp), "--timeout", str(timeout_s), "--threads", str(threads)]
-    command += ["--ulysses", str(layout.ulysses)]
-    command += ["--cfg-parallel"] if cfg_parallel else []
+    command = [sys.executable, "-m", "imagegen.common.parallel.worker", "--spec", spec.to_json()]
     processes = [
         subprocess.Popen(command, env={**os.environ, **rendezvous, "RANK": str(r), "LOCAL_RANK": str(r)})
         for r in range(1, world)
@@ -121,7 +101,7 @@ def local_group(
     runner = None
     try:
         try:
-            group, denoiser = join_group(model, sp, cfg_parallel, dtype, device.type, timeout_s, layout.ulysses)
+            group, denoiser = join_group(spec)
             runner = GroupDenoiser(group, denoiser, lambda: workers.failure)
             yield runner
         except RuntimeError as exc:  # torch.distributed errors while forming the group
@@ -150,34 +130,24 @@ def _release(runner: GroupDenoiser) -> None:
         pass
 
 
-def join_group(
-    model: str | Path,
-    sp: int,
-    cfg_parallel: bool,
-    dtype: str,
-    device: str,
-    timeout_s: float,
-    ulysses: int | None = None,
-) -> tuple[ParallelGroup, object]:
+def join_group(spec: GroupSpec) -> tuple[ParallelGroup, object]:
     """Join the group the rendezvous variables describe (every rank calls this, whoever started it) and load
-    this rank's denoise stage. Every rank derives the same layout from the same model and flags."""
-    layout = model_layout(model, sp, ulysses)
-    group = ParallelGroup.from_environment(sp, cfg_parallel, parse_device(device), timeout_s, layout)
-    folder = open_model_folder(model)
-    return group, get_family(folder.family).denoiser(folder, parse_dtype(dtype), group.device)
+    this rank's denoise stage, both as `spec` says."""
+    layout = spec.layout()
+    device = parse_device(spec.device)
+    group = ParallelGroup.from_environment(spec.sp, spec.cfg_parallel, device, spec.timeout_s, layout)
+    fields = {"rank": group.rank, "world_size": group.world_size, "layout": str(layout)}
+    log.info("joined the denoiser group", extra={**fields, "cfg_parallel": spec.cfg_parallel})
+    folder = open_model_folder(spec.model)
+    stage = get_family(folder.family).denoiser(
+        folder, parse_dtype(spec.dtype), group.device, kernels=spec.kernels, compile=spec.compile
+    )
+    return group, stage
 
 
-def follow_as_rank(
-    model: str | Path,
-    sp: int,
-    cfg_parallel: bool,
-    dtype: str,
-    device: str,
-    timeout_s: float,
-    ulysses: int | None = None,
-) -> None:
+def follow_as_rank(spec: GroupSpec) -> None:
     """A rank other than 0: join the group and run every job rank 0 broadcasts until it says stop."""
-    group, denoiser = join_group(model, sp, cfg_parallel, dtype, device, timeout_s, ulysses)
+    group, denoiser = join_group(spec)
     try:
         follow_leader(group, denoiser)
     finally:
@@ -185,22 +155,13 @@ def follow_as_rank(
 
 
 @contextmanager
-def group_denoiser(
-    model: str | Path,
-    sp: int,
-    cfg_parallel: bool,
-    dtype: str = "float32",
-    device: str = "cpu",
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-    threads: int = 0,
-    ulysses: int | None = None,
-):
+def group_denoiser(spec: GroupSpec):
     """Rank 0's `GroupDenoiser`: the group torchrun started, or one spawned on this machine."""
     if not launched_by_torchrun():
-        with local_group(model, sp, cfg_parallel, dtype, device, timeout_s, threads, ulysses) as runner:
+        with local_group(spec) as runner:
             yield runner
         return
-    group, denoiser = join_group(model, sp, cfg_parallel, dtype, device, timeout_s, ulysses)
+    group, denoiser = join_group(spec)
     runner = GroupDenoiser(group, denoiser)
     try:
         yield runner

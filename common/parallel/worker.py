@@ -1,4 +1,6 @@
-"""A non-leader rank of a denoiser group started on this machine: load the transformer, follow rank 0."""
+"""A non-leader rank of a denoiser group started on this machine: load the transformer, follow rank 0.
+
+Its one argument is rank 0's `GroupSpec` as JSON, so it builds exactly the group rank 0 builds."""
 
 from __future__ import annotations
 
@@ -7,23 +9,17 @@ import sys
 
 import torch
 from imagegen.common.parallel.launch import follow_as_rank
+from imagegen.common.parallel.spec import GroupSpec
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--sp", type=int, default=1)
-    parser.add_argument("--cfg-parallel", action="store_true")
-    parser.add_argument("--ulysses", type=int, default=None, help="Ulysses degree U of the U x ring layout")
-    parser.add_argument("--timeout", type=float, required=True)
-    parser.add_argument("--threads", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    parser.add_argument("--spec", required=True, help="the group's GroupSpec, as JSON")
+    spec = GroupSpec.from_json(parser.parse_args(argv).spec)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
     torch.set_grad_enabled(False)
-    follow_as_rank(args.model, args.sp, args.cfg_parallel, args.dtype, args.device, args.timeout, args.ulysses)
+    follow_as_rank(spec)
     return 0
 
 

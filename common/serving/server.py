@@ -2,9 +2,12 @@
 logs, and a graceful drain on SIGTERM.
 
 Health reports NOT_SERVING from the moment the port opens until the service's `prepare` (model loading,
-backend discovery) finishes, then SERVING; on SIGTERM it flips back to NOT_SERVING, the servers stop taking new
-RPCs and in-flight ones get `grace` seconds to finish (exit status 0). A service that hits a fault it cannot
-recover from calls `Service.fail`: NOT_SERVING at once, a short drain, exit status 1 (its supervisor restarts it).
+backend discovery) finishes, then SERVING. On SIGTERM (a rolling update) it flips back to NOT_SERVING and the
+process drains: its ports close, so new calls fail UNAVAILABLE at once (gRPC; HTTP clients see the connection
+refused) and go to another replica, while every request already taken (running, or waiting in a queue) runs on
+to its end, within its own deadline, for up to `drain_timeout` seconds in all; then what is left is cancelled
+and the process exits 0. A service that hits a fault it cannot recover from calls `Service.fail`: NOT_SERVING
+at once, a short drain, exit status 1 (its supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -114,9 +117,10 @@ async def _health_server(host: str, port: int, servicer: Health) -> grpc.aio.Ser
 
 
 async def serve(
-    endpoints: list[Endpoint], grace: float, metrics_host: str, metrics_port: int, health_port: int = 0
+    endpoints: list[Endpoint], drain_timeout: float, metrics_host: str, metrics_port: int, health_port: int = 0
 ) -> int:
-    """Run until SIGTERM/SIGINT; drain the endpoints in list order (put the gateway first). Returns the exit code.
+    """Run until SIGTERM/SIGINT; drain the endpoints in list order (put the gateway first), all within one
+    `drain_timeout`. Returns the exit code.
 
     With `health_port`, a plaintext health listener mirrors the first endpoint's health; it stops last, so
     probes see NOT_SERVING (not a refused connection) during the drain."""
@@ -148,20 +152,26 @@ async def serve(
         if code == 0:
             await stop.wait()
             if not failed:
-                log.info("draining", extra={"grace_s": grace})
+                log.info("draining", extra={"drain_timeout_s": drain_timeout})
     except ConfigError as exc:
         log.error(str(exc))
         code = 2
     finally:
         if failed:
-            code, grace = max(code, 1), min(grace, FAILURE_GRACE_S)
-        # In order: `serve all`'s stages keep serving until the gateway's in-flight requests are done with them.
+            code, drain_timeout = max(code, 1), min(drain_timeout, FAILURE_GRACE_S)
+        started = loop.time()
+        # One limit for the whole process (what the chart's terminationGracePeriodSeconds is sized from), in
+        # order: `serve all`'s stages keep serving until its gateway's requests are done with them, then get
+        # what is left of it.
         for endpoint in endpoints:
             if endpoint.health is not None:
                 await endpoint.health.drain()
             if endpoint.server is not None:
-                listeners = (listener.stop(grace) for listener in endpoint.service.listeners)
-                await asyncio.gather(endpoint.server.stop(grace), *listeners)
+                left = max(0.0, started + drain_timeout - loop.time())
+                listeners = (listener.stop(left) for listener in endpoint.service.listeners)
+                await asyncio.gather(endpoint.server.stop(left), *listeners)
+        if endpoints and endpoints[0].server is not None:
+            log.info("drained", extra={"drain_s": round(loop.time() - started, 3)})
         for endpoint in endpoints:
             if endpoint.service.close is not None:
                 await endpoint.service.close()

@@ -15,7 +15,8 @@ automountServiceAccountToken: false
 enableServiceLinks: false
 securityContext:
   {{- toYaml $root.Values.podSecurityContext | nindent 2 }}
-terminationGracePeriodSeconds: {{ add (int64 $root.Values.gracePeriodSeconds) 15 }}
+{{- /* The kubelet kills a pod this long after SIGTERM: the drain, plus time to release the group and exit. */}}
+terminationGracePeriodSeconds: {{ add (int64 $root.Values.drainTimeoutSeconds) 15 }}
 {{- with $root.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
@@ -77,8 +78,8 @@ Environment common to every imagegen container: ports, logging, drain, TLS, and 
   value: {{ ternary (int64 $ports.metrics) 0 $root.Values.metrics.enabled | quote }}
 - name: IMAGEGEN_LOG_LEVEL
   value: {{ $root.Values.logLevel | quote }}
-- name: IMAGEGEN_GRACE_PERIOD
-  value: {{ int64 $root.Values.gracePeriodSeconds | quote }}
+- name: IMAGEGEN_DRAIN_TIMEOUT
+  value: {{ int64 $root.Values.drainTimeoutSeconds | quote }}
 {{- /* Every service checks requests against the same limits: the gateway its public ones, the stages their
 internal ones (a stage with lower limits than the gateway would refuse what the gateway accepted). */}}
 {{- range $key, $value := $root.Values.gateway.requestLimits }}
@@ -170,9 +171,9 @@ probes and Prometheus reach them there). */}}
 {{- end }}
 {{- if gt (int64 .model.world) 1 }}
 {{- /* torchrun forwards SIGTERM to every rank, then kills them after this many seconds: rank 0 must be able
-to finish its drain (--grace-period) and release the other ranks first. */}}
+to finish its drain (--drain-timeout) and release the other ranks first. */}}
 - name: TORCH_ELASTIC_SHUTDOWN_TIMEOUT
-  value: {{ add (int64 $root.Values.gracePeriodSeconds) 10 | quote }}
+  value: {{ add (int64 $root.Values.drainTimeoutSeconds) 10 | quote }}
 {{- end }}
 {{- end }}
 {{- end -}}
