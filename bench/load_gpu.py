@@ -41,18 +41,17 @@ import grpc
 import numpy as np
 import PIL.Image
 import torch
-
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from imagegen_client.errors import ImageServiceError
+from imagegen_client.retry import RetryPolicy
+from imagegen_client.sdk import ImageClient
+
+from bench.compare import psnr
+from imagegen.cli import build_parser
 from imagegen.common import kernels
 from imagegen.common.checkpoint import open_model_folder
 from imagegen.common.serving.hosting import HostedModel
 from imagegen.common.tiny import tiny_checkpoint_cached
-from imagegen_client.errors import ImageServiceError
-from imagegen_client.retry import RetryPolicy
-
-from bench.compare import psnr
-from imagegen.cli import build_parser
-from imagegen_client.sdk import ImageClient
 
 MIN_PSNR_DB = 35.0  # the fast path's contract; the same request alone should in fact give the same pixels
 MAX_FIRST_RATIO = 1.5  # the first request of a size never warmed up, against the same request warm

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
 from imagegen.common.rope import Rotary, apply_rotary
 
 

@@ -17,6 +17,7 @@ from collections.abc import Hashable
 
 import torch
 import torch.nn.functional as F
+
 from imagegen.common.denoise import DenoiseJob
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from imagegen.common.errors import ModelLoadError
 
 FAMILY_BY_PIPELINE = {

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from safetensors.torch import load, save
+
 from imagegen.common.checkpoint import ModelFolder
 from imagegen.common.errors import Cancelled
 from imagegen.common.graphs import GraphCache
@@ -26,7 +28,6 @@ from imagegen.common.lora import AdapterCache, AdapterSlot
 from imagegen.common.options import ResolvedOptions
 from imagegen.common.schedule import Schedule, euler_step
 from imagegen.common.sharding import LOCAL, Sharding
-from safetensors.torch import load, save
 
 Predict = Callable[[torch.Tensor, int], torch.Tensor]
 # (indices of the members still running, their latents, step) -> their velocities, in the same order.

@@ -28,6 +28,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+
 from imagegen.common.fp8 import FP8_DTYPE, FP8_MAX, pad_rows, quantize_rows
 from imagegen.common.kernels import rotate_pairs
 

@@ -10,6 +10,7 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 from diffusers.image_processor import VaeImageProcessor
+
 from imagegen.common.errors import InvalidArgument
 
 _postprocessor = VaeImageProcessor(vae_scale_factor=16)

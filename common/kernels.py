@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from imagegen.common.errors import InvalidArgument
 
 KERNELS = ("fast", "reference")

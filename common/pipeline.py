@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
+
 from imagegen.common.checkpoint import ModelFolder, open_model_folder, parse_device, parse_dtype
 from imagegen.common.denoise import DenoiseJob, StepHooks
 from imagegen.common.errors import InvalidArgument

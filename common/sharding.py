@@ -20,6 +20,7 @@ from functools import cached_property
 from typing import Protocol
 
 import torch
+
 from imagegen.common.attention import LOCAL_ATTENTION, AttentionBackend
 
 # CPU GEMMs (MKL/oneDNN) take another kernel, and so another summation order, for a few rows (seen: fewer than 12

@@ -19,8 +19,9 @@ import tempfile
 from collections.abc import Callable
 
 from diffusers import QwenImageControlNetModel, ZImageControlNetModel
-from imagegen.common import tiny
 from torch import nn
+
+from imagegen.common import tiny
 
 # Bump whenever the bytes written change: it is part of the cache folder name.
 CONTROLNET_BUILDER_VERSION = 1

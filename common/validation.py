@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+
 from imagegen.common.errors import ImagegenError, InvalidArgument
 from imagegen.common.options import (
     FamilyDefaults,

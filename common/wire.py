@@ -6,9 +6,10 @@ Every tensor crosses a process boundary through these two functions, so dtype an
 from __future__ import annotations
 
 import torch
-from imagegen.common.errors import InvalidArgument
 from safetensors import SafetensorError
 from safetensors.torch import load, save
+
+from imagegen.common.errors import InvalidArgument
 
 LATENTS = "latents"  # the tensor name of latents between the stages (denoiser output, VAE input, edit conditions)
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+
 from imagegen.common.batching import batch_key
 from imagegen.common.cache import RedisStore
 from imagegen.common.denoise import DenoiseJob, StepHooks
@@ -53,7 +54,6 @@ from imagegen.common.validation import (
 from imagegen.common.warmup import parse_sizes, warm_up
 from imagegen.common.wire import LATENTS, pack, unpack
 from imagegen.services.flags import BATCH_WAIT_MS, CUDA_MAX_BATCH
-
 from imagegen.v1 import common_pb2, denoiser_pb2, denoiser_pb2_grpc
 
 SERVICE = "imagegen.v1.DenoiserService"

@@ -22,7 +22,6 @@ from imagegen.common.serving.hosting import HostedModel, compute_thread
 from imagegen.common.serving.server import Service
 from imagegen.common.validation import check_image_blobs, limits_from_args
 from imagegen.common.wire import pack
-
 from imagegen.v1 import encoder_pb2, encoder_pb2_grpc
 
 SERVICE = "imagegen.v1.EncoderService"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import grpc
+
 from imagegen.common.serving.auth import ApiKeys
 from imagegen.common.serving.gateway import Gateway
 from imagegen.common.serving.handlers import rpc
@@ -14,7 +15,6 @@ from imagegen.common.serving.server import Service
 from imagegen.common.serving.status import RpcFailure
 from imagegen.common.serving.tls import TlsConfig
 from imagegen.common.validation import limits_from_args
-
 from imagegen.v1 import image_service_pb2, image_service_pb2_grpc
 
 SERVICE = "imagegen.v1.ImageService"

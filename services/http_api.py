@@ -22,6 +22,14 @@ from typing import Any, TypeVar
 import PIL.Image
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from imagegen_client.status import parse_error
+from imagegen_client.v1 import common_pb2, image_service_pb2
+from pydantic import ValidationError
+from starlette.datastructures import Headers, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from imagegen.common.serving.status import RpcFailure
 from imagegen.services.http_errors import (
     HttpAbort,
@@ -37,13 +45,6 @@ from imagegen.services.http_params import (
     edit_form_schema,
     to_request,
 )
-from imagegen_client.status import parse_error
-from imagegen_client.v1 import common_pb2, image_service_pb2
-from pydantic import ValidationError
-from starlette.datastructures import Headers, UploadFile
-from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, StreamingResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 TIMEOUT_HEADER = "x-request-timeout"  # seconds; the HTTP spelling of a gRPC deadline
 IMAGE_FIELDS = ("image", "image[]")  # the openai client sends one image as `image`, a list as `image[]`

@@ -9,9 +9,10 @@ import time
 from collections.abc import Sequence
 
 import grpc
-from imagegen.services.http_params import PARAM_OF_FIELD
 from imagegen_client.status import RESPONSE_TOO_LARGE, ErrorDetails, parse_error
 from starlette.responses import JSONResponse
+
+from imagegen.services.http_params import PARAM_OF_FIELD
 
 # gRPC code -> (HTTP status, OpenAI error type, default error code)
 _STATUS = {

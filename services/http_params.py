@@ -13,10 +13,11 @@ import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from imagegen.common.options import ADVERTISED_SIZES
-from imagegen.common.serving.status import invalid_argument
 from imagegen_client.v1 import common_pb2, image_service_pb2
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+
+from imagegen.common.options import ADVERTISED_SIZES
+from imagegen.common.serving.status import invalid_argument
 
 Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]

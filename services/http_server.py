@@ -9,6 +9,7 @@ import socket
 from collections.abc import Iterator
 
 import uvicorn
+
 from imagegen.common.serving.config import ConfigError
 
 log = logging.getLogger("imagegen.http")

@@ -27,7 +27,6 @@ from imagegen.common.validation import (
     limits_from_args,
 )
 from imagegen.common.wire import LATENTS, pack, unpack
-
 from imagegen.v1 import common_pb2, denoiser_pb2, vae_pb2, vae_pb2_grpc
 
 SERVICE = "imagegen.v1.VaeService"

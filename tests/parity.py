@@ -13,6 +13,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
+
 from imagegen.common.denoise import DenoiseJob, StepHooks
 from imagegen.common.options import RequestOptions
 from imagegen.common.pipeline import Pipeline

@@ -15,6 +15,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
+
 from imagegen.common.attention import sdpa
 from imagegen.common.parallel.launch import follow_as_rank, free_port, join_group
 from imagegen.common.parallel.runner import GroupDenoiser

@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from prometheus_client import REGISTRY
+from torch._dynamo.utils import counters
+
 from imagegen.common import kernels
 from imagegen.common.batching import batch_key
 from imagegen.common.denoise import DenoiseJob, StepHooks
@@ -32,9 +35,6 @@ from imagegen.common.parallel.spec import GroupSpec
 from imagegen.common.pipeline import Pipeline
 from imagegen.common.serving.jobs import Batching, JobQueue
 from imagegen.common.tiny import tiny_checkpoint_cached
-from prometheus_client import REGISTRY
-from torch._dynamo.utils import counters
-
 from tests.parity import LONG_NEGATIVE, THREADS, max_diff
 
 TOLERANCE = 1e-6
@@ -367,13 +367,13 @@ def test_service_caller_leaving_mid_batch() -> None:
     its first step. Its job stops (counted cancelled) and the two others get exactly the latents they get
     alone."""
     import grpc
+
+    from bench.batching_gpu import WORKLOADS, requests, service_args
     from imagegen.common.families import get_family
     from imagegen.common.serving.convert import resolved_from_proto
     from imagegen.common.serving.hosting import HostedModel
     from imagegen.common.wire import LATENTS, unpack
     from imagegen.services.denoiser import DenoiserServicer
-
-    from bench.batching_gpu import WORKLOADS, requests, service_args
     from imagegen.v1 import denoiser_pb2_grpc
 
     workload = WORKLOADS["qwen-image-512"]

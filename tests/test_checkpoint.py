@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+
 from imagegen.common.checkpoint import open_model_folder, parse_dtype
 from imagegen.common.errors import ModelLoadError
 from imagegen.common.families import qwen_image

@@ -11,8 +11,8 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from imagegen.common.tiny import tiny_checkpoint_cached
 
+from imagegen.common.tiny import tiny_checkpoint_cached
 from tests.parity import THREADS, max_diff
 
 

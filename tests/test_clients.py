@@ -26,10 +26,10 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from imagegen.common.tiny import tiny_checkpoint_cached
 from imagegen_client import ImageClient
 from imagegen_client.v1 import common_pb2, image_service_pb2, image_service_pb2_grpc
 
+from imagegen.common.tiny import tiny_checkpoint_cached
 from tests.service_harness import ROOT, Service, free_port, stop_all
 
 API_KEY = "platform-key"

@@ -11,6 +11,7 @@ import threading
 import pytest
 import torch
 from diffusers import QwenImageMultiControlNetModel, QwenImageTransformer2DModel, ZImageControlNetModel
+
 from imagegen.common import tiny
 from imagegen.common.attention import LOCAL_ATTENTION, AttentionLayout, Heads, sdpa
 from imagegen.common.families.controlnet_dit import (

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
+
 from imagegen.common import kernels
 from imagegen.common.denoise import StepHooks
 from imagegen.common.errors import InvalidArgument
@@ -27,8 +29,6 @@ from imagegen.common.pipeline import Pipeline
 from imagegen.common.rope import Rotary
 from imagegen.common.tiny import tiny_checkpoint_cached
 from imagegen.common.warmup import parse_sizes, warm_up
-from torch._dynamo.utils import counters
-
 from tests.parity import CASES, TOLERANCE, assert_parity, compare_runs, reference_run, run_ours
 
 ROOT = Path(__file__).resolve().parents[1]

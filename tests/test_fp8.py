@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import QwenImageTransformer2DModel
+
 from imagegen.common import fp8
 from imagegen.common.checkpoint import open_model_folder
 from imagegen.common.lora.files import Adapter, LoraLayer

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
+
+from bench import fast_variants_gpu as variants
 from imagegen.common import fp8, fused_ops
 from imagegen.common.checkpoint import open_model_folder
 from imagegen.common.families import qwen_image, z_image
 from imagegen.common.kernels import batch_dynamic, mark_dynamic
 from imagegen.common.tiny import tiny_checkpoint_cached
-from torch._dynamo.utils import counters
-
-from bench import fast_variants_gpu as variants
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = dict(rtol=1e-5, atol=1e-5)

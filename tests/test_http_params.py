@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from imagegen.common.serving.status import invalid_argument, with_reason
-from imagegen.services.flags import HTTP_PORT
-from imagegen.services.http_errors import HttpAbort, status_of
-from imagegen.services.http_params import PARAMS, ImageEditFields, ImageGenerationRequest, to_request
 from imagegen_client.sdk import OPTION_FIELDS
 from imagegen_client.status import parse_error
 from imagegen_client.v1 import common_pb2, image_service_pb2
 from pydantic import ValidationError
 
 from imagegen.cli import build_parser
+from imagegen.common.serving.status import invalid_argument, with_reason
+from imagegen.services.flags import HTTP_PORT
+from imagegen.services.http_errors import HttpAbort, status_of
+from imagegen.services.http_params import PARAMS, ImageEditFields, ImageGenerationRequest, to_request
 
 
 def test_table_covers_every_request_option():

@@ -17,9 +17,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from imagegen.common import kernels
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from imagegen.common import kernels
 
 SWITCHES = (
     torch.backends.cuda.flash_sdp_enabled,

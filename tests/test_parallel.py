@@ -17,6 +17,9 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from bench.compare import cosine
 from imagegen.common.attention import sdpa
 from imagegen.common.checkpoint import open_model_folder
 from imagegen.common.denoise import DenoiseJob
@@ -29,9 +32,6 @@ from imagegen.common.parallel.runner import GroupDenoiser, follow_leader
 from imagegen.common.parallel.spec import GroupSpec
 from imagegen.common.pipeline import Pipeline
 from imagegen.common.tiny import tiny_checkpoint_cached
-from safetensors.torch import load_file, save_file
-
-from bench.compare import cosine
 from tests.parity import CASES as PARITY_CASES
 from tests.parity import LAYOUT_CASES, THREADS, Case, Run, max_diff, run_job, run_ours
 

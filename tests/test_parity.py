@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from imagegen.common.families import qwen_image, z_image
 from imagegen.common.pipeline import Pipeline
 from imagegen.common.rope import Rotary
 from imagegen.common.tiny import tiny_checkpoint_cached
-
 from tests.parity import CASES, TOLERANCE, Case, assert_parity, compare_runs, reference_run, run_ours
 
 pytestmark = pytest.mark.usefixtures("parity_threads")

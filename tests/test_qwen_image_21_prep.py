@@ -15,6 +15,8 @@ import pytest
 import torch
 from diffusers import QwenImage21Pipeline
 from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21AttnProcessor, QwenImage21KVCache
+from safetensors.torch import load_file, save_file
+
 from imagegen.common.attention import LOCAL_ATTENTION
 from imagegen.common.families.qwen_image_21_dit import (
     Qwen21Sequence,
@@ -24,7 +26,6 @@ from imagegen.common.families.qwen_image_21_dit import (
 )
 from imagegen.common.rope import Rotary
 from imagegen.common.tiny_qwen_image_21 import TURBO_SIGMAS, build_qwen_image_21, build_qwen_image_21_pipeline
-from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.usefixtures("parity_threads")
 
@@ -222,12 +223,12 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     """One rank of a gloo group: our forward in all three modes on this rank's target rows through each backend;
     rank 0 writes every gathered output."""
     import torch.distributed as dist
+
     from imagegen.common.parallel.layout import SequenceParallelLayout
     from imagegen.common.parallel.ring import RingShift
     from imagegen.common.parallel.ulysses import UlyssesAttention
     from imagegen.common.parallel.usp import UlyssesRingAttention
     from imagegen.common.sharding import SequencePlan
-
     from tests.parity import THREADS
 
     torch.set_num_threads(THREADS)  # as the one-process side: CPU rounding moves with the thread count
@@ -277,7 +278,6 @@ def test_sp2_ulysses_and_ring_keep_the_target_exact(transformer, tmp_path) -> No
     """2 ranks (gloo): the target sharded (8 real rows + 8 padding rows each), the prefix replicated; the
     existing backends, given a replicated part with keys but no queries, reproduce one process."""
     from imagegen.common.parallel.launch import free_port
-
     from tests.ring_harness import forkserver
 
     world = 2

@@ -20,6 +20,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+
+from bench.compare import cosine
 from imagegen.common.attention import sdpa
 from imagegen.common.denoise import StepHooks
 from imagegen.common.errors import InvalidArgument
@@ -28,8 +30,6 @@ from imagegen.common.parallel.layout import LayoutError, choose_layout, valid_la
 from imagegen.common.parallel.ring import merge_partials, partial_attention
 from imagegen.common.pipeline import Pipeline
 from imagegen.common.tiny import tiny_checkpoint_cached
-
-from bench.compare import cosine
 from tests.parity import LAYOUT_CASES, THREADS, Case, Run, max_diff, run_job
 from tests.ring_harness import forked_group
 

@@ -16,8 +16,9 @@ from diffusers import (
     QwenImagePipeline,
     ZImagePipeline,
 )
-from imagegen.common import tiny
 from PIL import Image
+
+from imagegen.common import tiny
 
 Case = tuple[str, str | None]
 CASES: list[Case] = [

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from imagegen.common.attention import AttentionBackend, AttentionLayout
 from imagegen.common.families.qwen_image import QwenDiT, QwenJointAttnProcessor, qwen_rotary
 from imagegen.common.families.z_image import PATCH_KEY, ImageSlots, ZImageAttnProcessor, ZImageBranch, ZImageDiT

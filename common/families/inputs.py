@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import PIL.Image
+
 from imagegen.common.denoise import DenoiseJob
 from imagegen.common.errors import Cancelled, InvalidArgument
 from imagegen.common.families import Family, qwen_image, z_image

@@ -25,6 +25,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
+
 from imagegen.common.attention import AttentionLayout, Heads, joint_by_length
 from imagegen.common.batching import check_batch, member_rows, row_lengths, stack_padded
 from imagegen.common.cfg import qwen_true_cfg

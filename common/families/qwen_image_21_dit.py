@@ -30,6 +30,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache, QwenImage21KVLayerCache
+
 from imagegen.common.attention import AttentionBackend, Heads
 from imagegen.common.rope import Rotary
 

@@ -24,6 +24,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF, RopeEmbedder
+
 from imagegen.common.attention import LOCAL_ATTENTION, AttentionBackend, AttentionLayout, Heads, joint_by_length
 from imagegen.common.batching import check_batch, member_rows, row_lengths, stack_padded
 from imagegen.common.cfg import z_image_cfg

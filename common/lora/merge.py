@@ -14,6 +14,7 @@ import threading
 from collections.abc import Hashable, Sequence
 
 import torch
+
 from imagegen.common.lora.files import Adapter
 
 

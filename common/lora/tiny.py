@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 
 import torch
-from imagegen.common.lora.files import METADATA_KEY, PREFIX
 from safetensors.torch import save_file
+
+from imagegen.common.lora.files import METADATA_KEY, PREFIX
 
 BLOCK_LISTS = ("transformer_blocks", "layers", "noise_refiner", "context_refiner")
 FORMATS = ("peft", "kohya")

@@ -16,6 +16,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
 from imagegen.common.errors import ImagegenError
 from imagegen.common.parallel.layout import SequenceParallelLayout
 

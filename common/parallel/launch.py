@@ -16,6 +16,7 @@ import threading
 from contextlib import contextmanager
 
 import torch
+
 from imagegen.common.checkpoint import open_model_folder, parse_device, parse_dtype
 from imagegen.common.families import get_family
 from imagegen.common.parallel.group import GroupError, ParallelGroup

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 import torch
+
 from imagegen.common.denoise import DenoiseJob, StepHooks, decode_batch, encode_batch, raise_or_return
 from imagegen.common.errors import Cancelled
 from imagegen.common.parallel.group import GroupError, ParallelGroup

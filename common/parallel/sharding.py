@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
 from imagegen.common.attention import LOCAL_ATTENTION, AttentionBackend
 from imagegen.common.parallel.group import ParallelGroup
 from imagegen.common.parallel.ring import RingShift

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
 from imagegen.common.attention import Heads, attend_in_order
 from imagegen.common.sharding import SequencePlan
 

@@ -28,6 +28,7 @@ import os
 
 import torch
 import torch.distributed as dist
+
 from imagegen.common.attention import Heads, attend_in_order, sdpa
 from imagegen.common.parallel.layout import SequenceParallelLayout
 from imagegen.common.parallel.ring import Partial, RingShift, merge_partials, partial_attention

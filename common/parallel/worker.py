@@ -8,6 +8,7 @@ import argparse
 import sys
 
 import torch
+
 from imagegen.common.parallel.launch import follow_as_rank
 from imagegen.common.parallel.spec import GroupSpec
 

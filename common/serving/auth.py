@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import grpc
+
 from imagegen.common.serving.config import ConfigError
 from imagegen.common.serving.status import RpcFailure
 

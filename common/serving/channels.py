@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+
 from imagegen.common.serving import metrics
 from imagegen.common.serving.retry import RetryBudget
 from imagegen.common.serving.tls import TlsConfig

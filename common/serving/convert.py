@@ -6,7 +6,6 @@ from collections.abc import Iterable
 
 from imagegen.common.errors import InvalidArgument
 from imagegen.common.options import RequestOptions, ResolvedOptions
-
 from imagegen.v1 import common_pb2, denoiser_pb2
 
 # Optional public request fields that map one to one onto RequestOptions (unset: the family's default).

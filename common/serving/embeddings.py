@@ -12,12 +12,12 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 import torch
+
 from imagegen.common.cache import CacheUnavailable, LruBytes, RedisStore
 from imagegen.common.errors import InvalidArgument
 from imagegen.common.serving import metrics
 from imagegen.common.serving.status import EMBEDDINGS_MISSING, with_reason
 from imagegen.common.wire import unpack
-
 from imagegen.v1 import encoder_pb2
 
 TENSOR_NAME = "embeds"

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 
 import grpc
+
 from imagegen.common.families.inputs import decode_inputs
 from imagegen.common.lora.registry import check_lora_weights, with_lora_defaults
 from imagegen.common.options import Limits, ResolvedOptions
@@ -36,7 +37,6 @@ from imagegen.common.serving.retry import RetryBudget
 from imagegen.common.serving.routes import Route, RouteTable
 from imagegen.common.serving.status import EMBEDDINGS_MISSING, RpcFailure, parse_error
 from imagegen.common.validation import check_response_size
-
 from imagegen.v1 import common_pb2, denoiser_pb2, encoder_pb2, image_service_pb2, vae_pb2
 
 log = logging.getLogger("imagegen.gateway")

@@ -25,6 +25,7 @@ from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 import grpc
+
 from imagegen.common.errors import Cancelled, InvalidArgument
 from imagegen.common.serving import metrics
 from imagegen.common.serving.logs import request_id_var

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from imagegen.common.checkpoint import ModelFolder, open_model_folder, parse_device, parse_dtype
 from imagegen.common.errors import ModelLoadError
 from imagegen.common.families import Family, get_family
 from imagegen.common.serving.config import ConfigError
 from imagegen.common.serving.handlers import QueueFull
-
 from imagegen.v1 import common_pb2
 
 # `from_pretrained` (diffusers and transformers) patches torch globally while it builds a model on the meta

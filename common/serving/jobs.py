@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+
 from imagegen.common.denoise import StepHooks
 from imagegen.common.errors import Cancelled
 from imagegen.common.serving import metrics

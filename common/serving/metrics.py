@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from imagegen.common.serving.config import ConfigError
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from imagegen.common.serving.config import ConfigError
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import grpc
 from google.rpc import error_details_pb2
-from imagegen.common.serving.status import DOMAIN, RETRIES_EXHAUSTED, RpcFailure, parse_error
 from imagegen_client import retry as shared
 from imagegen_client.retry import DEFAULT_TIMEOUT_S
+
+from imagegen.common.serving.status import DOMAIN, RETRIES_EXHAUSTED, RpcFailure, parse_error
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Deadline", "RetryBudget", "RetryPolicy"]
 

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from imagegen.common.errors import ImagegenError
 from imagegen.common.serving.config import ConfigError
 from imagegen.common.serving.health import NOT_SERVING, SERVING, Health

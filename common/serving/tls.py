@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
 from imagegen.common.serving.config import ConfigError
 
 
