@@ -91,8 +91,8 @@ def qwen_block_residuals(samples: Sequence[list[torch.Tensor]], num_blocks: int)
     for per_control in samples:
         interval = math.ceil(num_blocks / len(per_control))
         for i in range(num_blocks):
-            sample = per_control[i // interval]
-            residuals[i] = sample if residuals[i] is None else residuals[i] + sample
+            sample, previous = per_control[i // interval], residuals[i]
+            residuals[i] = sample if previous is None else previous + sample
     return residuals
 
 
