@@ -18,7 +18,8 @@ a plain-PyTorch fallback that computes the unfused maths (what runs on the CPU: 
 Each Triton program holds whole rows in registers and moves them with contiguous, vectorisable accesses
 (pairs are split and joined in registers); the dropped hand-written QK kernel of issue 8 loaded and stored each
 pair's halves at stride 2, the likeliest reason it ran 3x slower than the compiler's fusion. Rounding: float32
-inside a kernel, one rounding per output (as the compiler does), except where diffusers rounds between steps that matter (the norm weight product, the stored residual).
+inside a kernel, one rounding per output (as the compiler does), except where diffusers rounds between steps that
+matter (the norm weight product, the stored residual).
 Kernels run for CUDA tensors; with `TRITON_INTERPRET=1` they run on CPU tensors too (the CI test).
 """
 
