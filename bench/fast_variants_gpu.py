@@ -49,12 +49,11 @@ from imagegen.common.fused import linear_gelu_tanh
 from imagegen.common.kernels import (
     BlockStages,
     attention_rows,
-    compiled,
+    configure_compiler,
     join_rows,
     pad_rows,
     rotary_tables,
     rotate_pairs,
-    use_persistent_compile_cache,
 )
 from imagegen.common.sharding import LOCAL
 
@@ -435,8 +434,6 @@ class OptionStages(BlockStages):
         if not compile or not self.options:
             return super().__call__(compile)
         if self._compiled is None:
-            use_persistent_compile_cache()
-            compiled(lambda: None)  # the project's dynamo settings (recompile limit, static shapes by default)
             wrap = [torch.compile(fn, fullgraph=True, dynamic=None, options=self.options) for fn in self.raw]
             self._compiled = (wrap[0], wrap[1])
         return self._compiled
@@ -1150,6 +1147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qwen-recipe", type=parse_recipe, help="skip the stage choice: pre=triton,qk=flip,post=...")
     parser.add_argument("--z-recipe", type=parse_recipe, help="the same for Z-Image")
     args = parser.parse_args(argv)
+    configure_compiler()  # start-up, as `imagegen serve`
     torch.set_grad_enabled(False)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA GPU: use --smoke")
