@@ -267,9 +267,12 @@ class ZImageDiT:
         every step; its attention covers the caption alone, which every rank holds whole (no communication).
         """
         tr = self.transformer
-        tokens = tr.cap_embedder(caption)
-        pad = tr.cap_pad_token.to(tokens.dtype).expand(len(rotary) - tokens.shape[0], -1)
-        tokens = torch.cat([tokens, pad])[None]
+        # Embed all Lp rows as diffusers does (`_pad_with_ids` repeats the last feature row, the pad rows then
+        # become `cap_pad_token`): CPU GEMMs round a row differently with the number of rows in the call.
+        real = caption.shape[0]
+        rows = torch.cat([caption, caption[-1:].expand(len(rotary) - real, -1)])
+        tokens = tr.cap_embedder(rows)
+        tokens = torch.cat([tokens[:real], tr.cap_pad_token.to(tokens.dtype).expand(len(rotary) - real, -1)])[None]
         layout = AttentionLayout(LOCAL_ATTENTION, None, rotary, num_replicated=tokens.shape[1])
         for layer in tr.context_refiner:
             tokens = layer(tokens, None, layout)
