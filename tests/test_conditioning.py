@@ -372,3 +372,37 @@ def test_qwen_padding_mask_crop_pastes_back_like_diffusers(qwen_pipe, monkeypatc
     outside = np.ones((80, 96), dtype=bool)
     outside[y0:y1, x0:x1] = False
     assert np.array_equal(a[outside], np.asarray(image, dtype=np.int16)[outside])
+
+
+def test_control_scales_equal_qwen_controlnet_pipeline(qwen_pipe):
+    """Two controls (diffusers' multi-ControlNet: one union net, two images) with different scales and windows
+    that start and end mid-schedule: the scale `QwenImageControlNetPipeline` hands each control at each step
+    equals `control_scales`."""
+    from diffusers import QwenImageControlNetPipeline, QwenImageMultiControlNetModel
+
+    from imagegen.common.tiny_controlnet import build_tiny_controlnet_model
+
+    multi = QwenImageMultiControlNetModel([build_tiny_controlnet_model("qwen-image", "union")])
+    pipe = QwenImageControlNetPipeline(**qwen_pipe.components, controlnet=multi)
+    pipe.set_progress_bar_config(disable=True)
+    seen: list[list[float]] = []
+    multi.register_forward_pre_hook(lambda _m, _a, kw: seen.append(list(kw["conditioning_scale"])), with_kwargs=True)
+    controls = [cond.ControlSettings(0.7, 0.2, 0.8), cond.ControlSettings(0.3, 0.0, 0.6)]
+    embeds = _randn(1, 7, tiny.QWEN_TEXT_HIDDEN, seed=51)
+    with torch.no_grad():
+        pipe(
+            prompt_embeds=embeds,
+            prompt_embeds_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+            control_image=[_image(*Q_SIZE, seed=52), _image(*Q_SIZE, seed=53)],
+            controlnet_conditioning_scale=[c.scale for c in controls],
+            control_guidance_start=[c.start for c in controls],
+            control_guidance_end=[c.end for c in controls],
+            num_inference_steps=5,
+            width=Q_SIZE[0],
+            height=Q_SIZE[1],
+            generator=torch.Generator("cpu").manual_seed(54),
+            output_type="latent",
+        )
+    expected = cond.control_scales(5, controls)
+    assert seen == expected
+    assert {0.0, 0.7} <= {s[0] for s in expected} and {0.0, 0.3} <= {s[1] for s in expected}  # both windows bite
