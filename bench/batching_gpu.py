@@ -102,7 +102,7 @@ def build_stages(workload: Workload, smoke: bool, compile: str):
 
     transformer = full_size_transformer(workload.family)
     stage = family.denoiser.from_transformer(transformer, folder.scheduler_config(), kernels="fast", compile=compile)
-    return stage, family.vae.from_module(full_size_vae(workload.family), workload.family), folder
+    return stage, family.vae_from_module(full_size_vae(workload.family)), folder
 
 
 def service_args(folder, workload: Workload, max_batch: int, wait_ms: float, smoke: bool, compile: str):

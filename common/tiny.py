@@ -46,11 +46,15 @@ from transformers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
+from imagegen.common.families import FAMILIES as FAMILY_TABLE
+
 # Bump whenever the bytes written change: it is part of the cache folder name.
 BUILDER_VERSION = 2
 Z_DIT_HEADS, Z_DIT_HEAD_DIM = 4, 24
 
-FAMILIES = ("qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "z-image")
+FAMILIES = tuple(FAMILY_TABLE)
+# The tiny checkpoints of each family: the plain one, and those of a real checkpoint variant that changes the
+# arithmetic (Edit-2511's `zero_cond_t`, Turbo's scheduler shift).
 VARIANTS: dict[str, tuple[str | None, ...]] = {
     "qwen-image": (None,),
     "qwen-image-edit": (None,),

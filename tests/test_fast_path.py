@@ -23,8 +23,9 @@ from torch._dynamo.utils import counters
 from imagegen.common import kernels
 from imagegen.common.denoise import StepHooks
 from imagegen.common.errors import InvalidArgument
-from imagegen.common.families import get_family, qwen_image
-from imagegen.common.families.qwen_image import QwenFastDiT
+from imagegen.common.families import get_family
+from imagegen.common.families.qwen_image import pipeline as qwen_pipeline
+from imagegen.common.families.qwen_image.dit_fast import QwenFastDiT
 from imagegen.common.pipeline import Pipeline
 from imagegen.common.rope import Rotary
 from imagegen.common.tiny import tiny_checkpoint_cached
@@ -55,7 +56,7 @@ def test_fast_path_traps(monkeypatch) -> None:
     case = CASES["qwen-image-cfg"]
     path, pipeline = fast_pipeline(case.name)
     with monkeypatch.context() as patch:
-        patch.setattr(qwen_image, "qwen_true_cfg", lambda pos, neg, scale: neg + scale * (pos - neg))
+        patch.setattr(qwen_pipeline, "qwen_true_cfg", lambda pos, neg, scale: neg + scale * (pos - neg))
         assert max(compare_runs(run_ours(path, case, pipeline), reference_run(case.name)).values()) > 100 * TOLERANCE
 
     def bf16_tables(freqs: torch.Tensor) -> Rotary:
