@@ -42,6 +42,7 @@ class Pipeline:
         model_dir: str | Path | ModelFolder,
         dtype: str | torch.dtype = "float32",
         device: str | torch.device = "cpu",
+        *,
         denoiser=None,
         kernels: str | None = None,
         compile: str | None = None,

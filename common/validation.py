@@ -45,7 +45,7 @@ class ResponseTooLarge(ImagegenError):
 
 
 class ModelInputs(NamedTuple):
-    """What a loaded denoise stage accepts for one job (asked with `stage.input_limits(job)`)."""
+    """What a loaded denoise stage accepts for one job (`imagegen.common.families.inputs.denoiser_inputs`)."""
 
     embedding_dim: int  # the text encoder's hidden width the transformer projects from
     max_text_tokens: int  # most prompt tokens whose RoPE rows exist next to this job's image grids

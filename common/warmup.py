@@ -16,9 +16,30 @@ import time
 from imagegen.common.denoise import StepHooks
 from imagegen.common.errors import InvalidArgument
 from imagegen.common.families import Family
-from imagegen.common.options import ADVERTISED_SIZES
+from imagegen.common.options import ADVERTISED_SIZES, ResolvedOptions
 
 log = logging.getLogger(__name__)
+
+
+def warmup_options(
+    family: str, width: int, height: int, negative: str | None, guidance_scale: float, num_input_images: int = 0
+) -> ResolvedOptions:
+    """The options of a family's warm-up job: two steps at `width` x `height` (`negative` None: no CFG)."""
+    return ResolvedOptions(
+        family=family,
+        prompt="warm-up",
+        negative_prompt=negative,
+        width=width,
+        height=height,
+        steps=2,
+        guidance_scale=guidance_scale,
+        cfg_normalization=0.0,
+        cfg_truncation=1.0,
+        max_sequence_length=512,
+        seed=0,
+        num_images=1,
+        num_input_images=num_input_images,
+    )
 
 
 def parse_sizes(text: str | None, family: Family) -> list[tuple[int, int]]:

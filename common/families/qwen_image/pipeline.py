@@ -45,6 +45,7 @@ from imagegen.common.schedule import Schedule, make_schedule
 from imagegen.common.sharding import SequencePlan, Sharding
 from imagegen.common.text import encoder_trunk, ensure_fp32_rotary, take_masked
 from imagegen.common.validation import ModelInputs
+from imagegen.common.warmup import warmup_options
 
 
 # ------------------------------------------------------------------------------------------------------ encode
@@ -296,21 +297,7 @@ def warmup_jobs(family: str, width: int, height: int, config: dict) -> list[Deno
         condition = torch.randn(1, math.prod(shapes[0]), config.get("in_channels", 64), generator=generator)
 
     def options(negative: str | None) -> ResolvedOptions:
-        return ResolvedOptions(
-            family=family,
-            prompt="warm-up",
-            negative_prompt=negative,
-            width=width,
-            height=height,
-            steps=2,
-            guidance_scale=4.0,
-            cfg_normalization=0.0,
-            cfg_truncation=1.0,
-            max_sequence_length=512,
-            seed=0,
-            num_images=1,
-            num_input_images=len(shapes),
-        )
+        return warmup_options(family, width, height, negative, guidance_scale=4.0, num_input_images=len(shapes))
 
     return [
         DenoiseJob(options(" "), embeds(24), embeds(11), condition, shapes),

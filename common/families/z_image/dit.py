@@ -128,6 +128,20 @@ def stack_branches(branches: list[ZImageBranch], counts: list[int]) -> ZImageBra
     return ZImageBranch(captions, caption_rotary, Rotary(image), row_lengths(lengths, counts))
 
 
+def embed_image(
+    transformer: torch.nn.Module, tokens: torch.Tensor, timestep: torch.Tensor, registers: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prologue of both forwards: the time embedding, and this rank's latent tokens `[B, n, 64]` filled to
+    its local length (`registers` `[n_local, 1]`), embedded, the learned register token where `registers` is set."""
+    tr = transformer
+    batch = tokens.shape[0]
+    adaln = tr.t_embedder(timestep * tr.t_scale).type_as(tokens)
+    fill = registers.shape[0] - tokens.shape[1]
+    rows = torch.cat([tokens, tokens.new_zeros(batch, fill, tokens.shape[2])], dim=1)
+    image = tr.all_x_embedder[PATCH_KEY](rows)
+    return adaln, torch.where(registers, tr.x_pad_token.to(image.dtype), image)
+
+
 class ZImageDiT:
     """Our top-level forward over `ZImageTransformer2DModel`'s modules and weights (basic, non-omni mode),
     working on 2x2 patch tokens (channel fastest) so the image sequence can be sharded."""
@@ -176,14 +190,8 @@ class ZImageDiT:
         every row) or `[B]` = (1000 - t) / 1000 in float32 -> model output for those tokens `[B, n, 64]` (not
         yet negated)."""
         tr = self.transformer
-        batch = tokens.shape[0]
-        adaln = tr.t_embedder(timestep * tr.t_scale).type_as(tokens)
-        caption = branch.caption_tokens.expand(batch, -1, -1)
-
-        fill = slots.plan.local_len - tokens.shape[1]
-        rows = torch.cat([tokens, tokens.new_zeros(batch, fill, tokens.shape[2])], dim=1)
-        image = tr.all_x_embedder[PATCH_KEY](rows)
-        image = torch.where(slots.register_rows, tr.x_pad_token.to(image.dtype), image)
+        adaln, image = embed_image(tr, tokens, timestep, slots.register_rows)
+        caption = branch.caption_tokens.expand(tokens.shape[0], -1, -1)
 
         refine = AttentionLayout(backend, branch.image_rotary, None)
         for layer in tr.noise_refiner:

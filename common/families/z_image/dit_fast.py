@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from imagegen.common.families.z_image import PATCH_KEY
+from imagegen.common.families.z_image.dit import embed_image
 from imagegen.common.kernels import (
     BlockStages,
     attention_rows,
@@ -79,12 +80,7 @@ class ZImageFastDiT:
         model output `[B, n_latent, 64]` (not yet negated)."""
         tr = self.transformer
         pre, post = self.stages(compile)
-        batch = tokens.shape[0]
-        adaln = tr.t_embedder(timestep * tr.t_scale).type_as(tokens)
-        fill = inputs.registers.shape[0] - tokens.shape[1]
-        rows = torch.cat([tokens, tokens.new_zeros(batch, fill, tokens.shape[2])], dim=1)
-        image = tr.all_x_embedder[PATCH_KEY](rows)
-        image = torch.where(inputs.registers, tr.x_pad_token.to(image.dtype), image)
+        adaln, image = embed_image(tr, tokens, timestep, inputs.registers)
         # The image and caption lengths are dynamic: one compiled graph serves every size and prompt, so a new
         # size costs only its CUDA graph capture and attention choice.
         for table in (inputs.image_cos, inputs.image_sin, inputs.joint_cos, inputs.joint_sin):

@@ -26,11 +26,11 @@ from imagegen.common.families.z_image.dit_fast import ZImageFastDiT, ZImageFastI
 from imagegen.common.graphs import maybe_graphed
 from imagegen.common.kernels import pad_rows, rotary_tables
 from imagegen.common.latents import initial_noise, patchify, unpatchify
-from imagegen.common.options import ResolvedOptions
 from imagegen.common.schedule import Schedule, make_schedule
 from imagegen.common.sharding import Sharding
 from imagegen.common.text import encoder_trunk, ensure_fp32_rotary, take_masked
 from imagegen.common.validation import ModelInputs
+from imagegen.common.warmup import warmup_options
 
 
 # ------------------------------------------------------------------------------------------------------ encode
@@ -250,23 +250,7 @@ def warmup_jobs(family: str, width: int, height: int, config: dict) -> list[Deno
     def embeds(length: int) -> torch.Tensor:
         return torch.randn(length, dim, generator=generator) * 0.1
 
-    def options(negative: str | None, guidance: float) -> ResolvedOptions:
-        return ResolvedOptions(
-            family=family,
-            prompt="warm-up",
-            negative_prompt=negative,
-            width=width,
-            height=height,
-            steps=2,
-            guidance_scale=guidance,
-            cfg_normalization=0.0,
-            cfg_truncation=1.0,
-            max_sequence_length=512,
-            seed=0,
-            num_images=1,
-        )
-
     return [
-        DenoiseJob(options("", 4.0), embeds(24), embeds(40)),
-        DenoiseJob(options(None, 0.0), embeds(24)),
+        DenoiseJob(warmup_options(family, width, height, "", guidance_scale=4.0), embeds(24), embeds(40)),
+        DenoiseJob(warmup_options(family, width, height, None, guidance_scale=0.0), embeds(24)),
     ]
