@@ -16,6 +16,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import torch
 from safetensors.torch import load, save
@@ -35,6 +36,7 @@ BatchPredict = Callable[[tuple[int, ...], list[torch.Tensor], int], list[torch.T
 # (member, its branch outputs in branch order, step) -> its velocity: the family's CFG rule.
 Combine = Callable[[int, list[torch.Tensor], int], torch.Tensor]
 
+V = TypeVar("V")
 BRANCHES = ("positive", "negative")  # CFG branches, in the order every family combines them
 
 
@@ -193,16 +195,16 @@ def member_velocities(
     return velocities
 
 
-class PerActiveSet:
+class PerActiveSet(Generic[V]):
     """What a loop builds for the set of members still running (stacked inputs, forwards), by key; everything
     is dropped when a member leaves: the old stacking is never used again."""
 
-    def __init__(self, build: Callable[..., object]) -> None:
+    def __init__(self, build: Callable[..., V]) -> None:
         self._build = build  # (active, *key) -> value
         self._active: tuple[int, ...] | None = None
-        self._values: dict[Hashable, object] = {}
+        self._values: dict[Hashable, V] = {}
 
-    def __call__(self, active: tuple[int, ...], *key: Hashable):
+    def __call__(self, active: tuple[int, ...], *key: Hashable) -> V:
         if active != self._active:
             self._active, self._values = active, {}
         if key not in self._values:

@@ -25,6 +25,8 @@ class QwenJointAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: AttentionLayout | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # diffusers' blocks hand their processor the RoPE argument unchanged: ours carries the whole layout
+        # (`imagegen.common.attention.AttentionLayout`: backend, RoPE rows, replicated lengths) under that name.
         layout = image_rotary_emb
         head_dim = attn.inner_dim // attn.heads
         image = self._heads(attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k, hidden_states, head_dim)

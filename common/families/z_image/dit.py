@@ -32,6 +32,8 @@ class ZImageAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         freqs_cis: AttentionLayout | None = None,
     ) -> torch.Tensor:
+        # diffusers' blocks hand their processor the RoPE argument unchanged: ours carries the whole layout
+        # (`imagegen.common.attention.AttentionLayout`: backend, RoPE rows, replicated lengths) under that name.
         layout = freqs_cis
         q, k, v = (proj(hidden_states).unflatten(-1, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
         if attn.norm_q is not None:
