@@ -40,6 +40,8 @@ def batch_key(job: DenoiseJob) -> Hashable:
 
 def check_batch(jobs: list[DenoiseJob]) -> None:
     """A batch must share one key: the stages rely on it (one schedule, one sequence layout)."""
+    if len({job.loras for job in jobs}) > 1:
+        raise ValueError("jobs with different LoRA sets cannot share a forward (the weights are merged per set)")
     keys = {batch_key(job) for job in jobs}
     if len(keys) != 1:
         raise ValueError(f"jobs of {len(keys)} different batch keys cannot share a forward")
