@@ -18,7 +18,7 @@ from imagegen.common.serving import metrics
 from imagegen.common.serving.config import redis_password
 from imagegen.common.serving.embeddings import TENSOR_NAME, EmbeddingCache
 from imagegen.common.serving.handlers import in_executor, require_ready, rpc
-from imagegen.common.serving.hosting import HostedModel, compute_thread
+from imagegen.common.serving.hosting import ComputeThread, HostedModel
 from imagegen.common.serving.server import Service
 from imagegen.common.validation import check_image_blobs, limits_from_args
 from imagegen.common.wire import pack
@@ -32,7 +32,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         self.args = args
         self.model = model
         self.limits = limits_from_args(args)
-        self.executor = compute_thread("encoder")
+        self.executor = ComputeThread("encoder")
         self.stage = None
         self.cache: EmbeddingCache | None = None
 

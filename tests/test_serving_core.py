@@ -12,12 +12,13 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from imagegen_client.outputs import decode_output, encode_array, to_uint8
+from imagegen_client.transport import client_options
 from prometheus_client import REGISTRY
 
 from imagegen.common.cache import EmbeddingKey, LruBytes, RedisStore
 from imagegen.common.denoise import StepHooks
 from imagegen.common.errors import Cancelled, InvalidArgument
-from imagegen.common.outputs import decode_output, encode_array, to_uint8
 from imagegen.common.serving import metrics
 from imagegen.common.serving.auth import ApiKeys
 from imagegen.common.serving.channels import call_with_retries
@@ -38,7 +39,6 @@ from imagegen.common.serving.status import (
     with_reason,
 )
 from imagegen.common.serving.tls import TlsConfig
-from imagegen.common.serving.transport import client_options
 from imagegen.common.wire import pack, unpack
 from imagegen.v1 import common_pb2, denoiser_pb2_grpc, encoder_pb2, encoder_pb2_grpc, vae_pb2_grpc
 from tests.service_harness import RedisServer, free_port

@@ -41,10 +41,6 @@ def format_name(value: int, field: str = "output_format") -> str:
         raise InvalidArgument(field, f"unknown output format {value} (use one of {known})") from None
 
 
-def format_value(name: str) -> int:
-    return common_pb2.OutputFormat.Value(_PREFIX + name.upper())
-
-
 def resolved_to_proto(resolved: ResolvedOptions) -> denoiser_pb2.ResolvedOptions:
     message = denoiser_pb2.ResolvedOptions(
         family=resolved.family,

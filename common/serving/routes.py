@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 
 import grpc
+from imagegen_client.transport import DEFAULT_MESSAGE_LIMIT
 
 from imagegen.common.errors import InvalidArgument
 from imagegen.common.families import Family, get_family
@@ -22,7 +23,6 @@ from imagegen.common.serving.config import ConfigError
 from imagegen.common.serving.retry import Deadline, RetryBudget, RetryPolicy
 from imagegen.common.serving.status import RpcFailure
 from imagegen.common.serving.tls import TlsConfig
-from imagegen.common.serving.transport import DEFAULT_MESSAGE_LIMIT
 from imagegen.v1 import common_pb2, denoiser_pb2_grpc, encoder_pb2_grpc, vae_pb2_grpc
 
 log = logging.getLogger("imagegen.routes")
