@@ -26,14 +26,21 @@ from imagegen.common.lora.registry import (
     resolve_source,
     with_lora_defaults,
 )
-from imagegen.common.options import Limits, RequestOptions, ResolvedOptions, resolve_options
+from imagegen.common.options import Limits, ModelDefaults, RequestOptions, ResolvedOptions, resolve_options
 from imagegen.common.validation import check_lora_fit
 
 
-def resolve_for(family: Family, options: RequestOptions, images: Sequence[PIL.Image.Image], limits: Limits = Limits()):
+def resolve_for(
+    family: Family,
+    options: RequestOptions,
+    images: Sequence[PIL.Image.Image],
+    limits: Limits = Limits(),
+    model: ModelDefaults = ModelDefaults(),
+) -> ResolvedOptions:
+    """`resolve_options` for this family: the edit size from `images`, the deployment's `model` defaults."""
     sizes = [im.size for im in images]
     default = family.default_size(sizes) if sizes else None
-    return resolve_options(family.name, family.defaults, options, len(images), limits, default)
+    return resolve_options(family.name, family.defaults, options, len(images), limits, default, model)
 
 
 class Pipeline:

@@ -15,6 +15,7 @@ from imagegen_client.outputs import encode_array
 
 from imagegen.common.families.inputs import decode_inputs, latent_shape
 from imagegen.common.images import to_float_array
+from imagegen.common.options import check_size
 from imagegen.common.serving import metrics
 from imagegen.common.serving.convert import format_name, grids_to_proto
 from imagegen.common.serving.handlers import Caller, in_executor, require_ready, rpc
@@ -24,7 +25,6 @@ from imagegen.common.validation import (
     check_image_blobs,
     check_latents,
     check_response_size,
-    check_size,
     limits_from_args,
 )
 from imagegen.common.wire import LATENTS, pack, unpack
