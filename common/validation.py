@@ -16,7 +16,6 @@ Failures raise `InvalidArgument(field)` (INVALID_ARGUMENT with a BadRequest nami
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -51,20 +50,6 @@ class ModelInputs(NamedTuple):
     condition_channels: int | None  # channels of packed edit-image latents; None: the model takes no images
     max_condition_tokens: int = 0  # most tokens of one edit image's grid (the VAE resizes to a fixed area)
     max_grid_side: int = 0  # most token rows or columns of a grid (the RoPE tables' reach)
-
-
-def limits_from_args(args: argparse.Namespace) -> Limits:
-    """The --max-* flags every service has."""
-    return Limits(
-        max_side=args.max_side,
-        max_steps=args.max_steps,
-        max_images_per_request=args.max_images,
-        max_prompt_chars=args.max_prompt_chars,
-        max_request_pixels=args.max_request_pixels,
-        max_response_bytes=args.max_response_bytes,
-        max_input_bytes=args.max_input_bytes,
-        max_input_pixels=args.max_input_pixels,
-    )
 
 
 # -------------------------------------------------------------------------------------------------- options

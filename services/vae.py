@@ -17,6 +17,7 @@ from imagegen.common.families.inputs import decode_inputs, latent_shape
 from imagegen.common.images import to_float_array
 from imagegen.common.options import check_size
 from imagegen.common.serving import metrics
+from imagegen.common.serving.config import limits_from_args
 from imagegen.common.serving.convert import format_name, grids_to_proto
 from imagegen.common.serving.handlers import Caller, in_executor, require_ready, rpc
 from imagegen.common.serving.hosting import ComputeThread, HostedModel
@@ -25,7 +26,6 @@ from imagegen.common.validation import (
     check_image_blobs,
     check_latents,
     check_response_size,
-    limits_from_args,
 )
 from imagegen.common.wire import LATENTS, pack, unpack
 from imagegen.v1 import common_pb2, denoiser_pb2, vae_pb2, vae_pb2_grpc

@@ -279,7 +279,11 @@ def test_idle_callback_and_finish_run_on_the_queue_thread_and_a_closed_loop_does
         ticket = queue.submit(job)
         return [event async for event in ticket.events()][-1]
 
-    queue = JobQueue(2, "test", idle=(0.05, idle), finish=lambda: threads["finish"].add(threading.get_ident()))
+    def run(jobs: list, hooks: list[StepHooks]) -> list:
+        return [job(h) for job, h in zip(jobs, hooks, strict=True)]
+
+    finish = lambda: threads["finish"].add(threading.get_ident())  # noqa: E731
+    queue = JobQueue(2, run, "test", idle=(0.05, idle), finish=finish)
     assert idled.wait(5), "no idle callback while idle"
     assert asyncio.run(submit(queue)).result == "done"
     # A job whose event loop has closed (the RPC's loop at shutdown) posts into nothing; the worker lives on.

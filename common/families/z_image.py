@@ -492,7 +492,7 @@ class ZImageDenoiser(DenoiseStage):
             def forward(tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
                 return self.dit(tokens, timestep, branch, slots, backend)
 
-            return maybe_graphed(forward, self.device)
+            return maybe_graphed(forward, self.device, self.settings.cuda_graphs)
 
         forwards: dict[tuple, object] = {}
 
