@@ -18,7 +18,14 @@ import math
 from pathlib import Path
 
 from imagegen.common.errors import ImagegenError, InvalidArgument
-from imagegen.common.options import FamilyDefaults, Limits, ModelDefaults, RequestOptions, resolve_options
+from imagegen.common.options import (
+    FamilyDefaults,
+    Limits,
+    ModelDefaults,
+    RequestOptions,
+    check_text,
+    resolve_options,
+)
 
 DEFAULTS_FILE = "imagegen.json"
 KEYS: dict[str, type] = {
@@ -82,13 +89,20 @@ def check_model_defaults(
     defaults: ModelDefaults, family: str, family_defaults: FamilyDefaults, limits: Limits, source: str
 ) -> None:
     """Refuse, at start-up, defaults that no request could run with: the bounds every request is resolved
-    against (`resolve_options`), applied to a request that sets nothing. The error names the key."""
+    against (`resolve_options`), applied to a request that sets only what the deployment leaves to the family
+    (at its smallest valid values, so only the deployment's own values are judged). The error names the key."""
     if (defaults.width is None) != (defaults.height is None):
         raise ModelDefaultsError(f"{source}: width and height are set together")
-    probe = RequestOptions("probe")
-    images = family_defaults.min_images
-    size = (1024, 1024) if family_defaults.size is None else None  # edits: the size an input image would give
+    side = None if defaults.width is not None else 16
+    probe = RequestOptions(
+        "probe",
+        width=side,
+        height=side,
+        steps=family_defaults.min_steps if defaults.steps is None else None,
+        guidance_scale=0.0 if defaults.guidance_scale is None else None,
+    )
     try:
-        resolve_options(family, family_defaults, probe, images, limits, size, defaults)
+        check_text("negative_prompt", defaults.negative_prompt, limits)  # also one this model's guidance drops
+        resolve_options(family, family_defaults, probe, family_defaults.min_images, limits, (16, 16), defaults)
     except InvalidArgument as exc:
         raise ModelDefaultsError(f"{source}: {exc.field} {exc.message}") from exc

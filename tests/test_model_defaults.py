@@ -19,7 +19,7 @@ import requests
 from imagegen_client.sdk import ImageClient
 
 from imagegen.cli import build_parser
-from imagegen.common.model_defaults import DEFAULTS_FILE, read_model_defaults
+from imagegen.common.model_defaults import DEFAULTS_FILE, ModelDefaultsError, read_model_defaults
 from imagegen.common.options import ModelDefaults
 from imagegen.common.serving.hosting import HostedModel
 from imagegen.common.tiny import tiny_checkpoint_cached
@@ -87,6 +87,21 @@ def test_flags_override_the_file(turbo):
     assert config.model_defaults == ModelDefaults(
         steps=3, guidance_scale=0.0, width=256, height=128, negative_prompt="dull"
     )
+
+
+def test_defaults_are_judged_against_the_limits_only_where_the_deployment_set_them(turbo):
+    """A small --max-side or --max-steps refuses a default above it, not the family's own 1024^2 / 50 steps."""
+    argv = ["serve", "denoiser", "--model", str(turbo), "--max-side", "64", "--max-steps", "4"]
+    args = build_parser().parse_args(argv)
+    hosted = HostedModel.from_args(args)
+    with pytest.raises(ModelDefaultsError, match="steps must be between 1 and 4, got 8"):
+        DenoiserConfig.from_flags(args, hosted)
+    args = build_parser().parse_args([*argv, "--default-steps", "4"])
+    assert DenoiserConfig.from_flags(args, hosted).model_defaults.steps == 4
+    sized = ["--default-steps", "4", "--default-width", "128", "--default-height", "64"]
+    args = build_parser().parse_args([*argv, *sized])
+    with pytest.raises(ModelDefaultsError, match="width must be between 16 and 64, got 128"):
+        DenoiserConfig.from_flags(args, hosted)
 
 
 def _folder_with(turbo, tmp_path, defaults_text: str):
