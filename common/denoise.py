@@ -30,6 +30,7 @@ from imagegen.common.lora import AdapterCache, AdapterSlot
 from imagegen.common.options import ResolvedOptions
 from imagegen.common.schedule import Schedule, euler_step
 from imagegen.common.sharding import LOCAL, Sharding
+from imagegen.common.stage_settings import StageSettings
 
 # (indices of the members still running, their latents, step) -> their velocities, in the same order.
 BatchPredict = Callable[[tuple[int, ...], list[torch.Tensor], int], list[torch.Tensor]]
@@ -227,35 +228,32 @@ class DenoiseStage:
         folder: ModelFolder,
         dtype: torch.dtype,
         device: torch.device | str,
-        kernels: str | None = None,
-        compile: str | None = None,
+        settings: StageSettings = StageSettings(),
     ) -> None:
-        self._setup(folder.load("transformer", dtype, device), folder.scheduler_config(), kernels, compile)
+        """`settings`: kernel path, compile mode, CUDA graphs, adapter cache (`imagegen.common.stage_settings`)."""
+        self._setup(folder.load("transformer", dtype, device), folder.scheduler_config(), settings)
 
     @classmethod
     def from_transformer(
-        cls,
-        transformer: torch.nn.Module,
-        scheduler_config: dict,
-        kernels: str | None = None,
-        compile: str | None = None,
+        cls, transformer: torch.nn.Module, scheduler_config: dict, settings: StageSettings = StageSettings()
     ) -> DenoiseStage:
         """A stage over an already-built transformer (benchmarks build full-size ones with random weights)."""
         stage = cls.__new__(cls)
-        stage._setup(transformer, scheduler_config, kernels, compile)
+        stage._setup(transformer, scheduler_config, settings)
         return stage
 
-    def _setup(self, transformer: torch.nn.Module, scheduler_config: dict, kernels: str | None, compile) -> None:
+    def _setup(self, transformer: torch.nn.Module, scheduler_config: dict, settings: StageSettings) -> None:
         self.dit = self.dit_class(transformer)
         self.scheduler_config = dict(scheduler_config)
         self.device = transformer.device
         self.dtype = transformer.dtype
-        self.kernels = resolve_kernels(kernels, self.device)
-        self.compile_mode = resolve_compile(compile)
+        self.settings = settings
+        self.kernels = resolve_kernels(settings.kernels, self.device)
+        self.compile_mode = resolve_compile(settings.compile)
         self.fast = self.fast_class(transformer) if self.kernels == "fast" else None
-        self.graphs = GraphCache()
-        self._marker = CompileMarker(transformer)
-        self.adapters = AdapterCache(transformer, self.lora_family)
+        self.graphs = GraphCache(enabled=settings.cuda_graphs)
+        self._marker = CompileMarker(transformer, settings.cache_root)
+        self.adapters = AdapterCache(transformer, self.lora_family, settings.lora_cache_bytes)
         self.lora_slot = AdapterSlot(transformer)
         self._base_scheduler_config = dict(self.scheduler_config)
 

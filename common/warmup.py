@@ -5,7 +5,8 @@ shape, as a new prompt length does) and the attention kernel measurement of its 
 
 Each family supplies its warm-up jobs (`Family.warmup_jobs`): a short CFG job whose two prompts have different
 lengths (the text-length dimension compiles dynamic, and both attention layouts are traced) and one without
-CFG. Inductor's caches live under `imagegen.common.kernels.cache_root()`, so a restart on the same machine mostly loads.
+CFG. Inductor's caches live under the `--cache-dir` (`imagegen.common.kernels.configure_compiler`), so a restart
+on the same machine mostly loads.
 """
 
 from __future__ import annotations

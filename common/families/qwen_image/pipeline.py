@@ -182,7 +182,7 @@ class QwenDenoiser(DenoiseStage):
             def forward(model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
                 return self.dit(model_input, text, timestep, layout, index).index_select(1, noisy_rows)
 
-            return maybe_graphed(forward, self.device)
+            return maybe_graphed(forward, self.device, self.settings.cuda_graphs)
 
         def setup(active: tuple[int, ...]):
             """The active members' stacked inputs and one forward per local branch."""

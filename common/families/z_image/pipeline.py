@@ -180,7 +180,7 @@ class ZImageDenoiser(DenoiseStage):
             def forward(tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
                 return self.dit(tokens, timestep, branch, batch.slots, backend)
 
-            return maybe_graphed(forward, self.device)
+            return maybe_graphed(forward, self.device, self.settings.cuda_graphs)
 
         forwards = PerActiveSet(branch_forward)
 
