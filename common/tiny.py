@@ -46,11 +46,21 @@ from transformers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
+from imagegen.common.families import FAMILIES as FAMILY_TABLE
+from imagegen.common.model_defaults import write_model_defaults
+from imagegen.common.options import ModelDefaults
+from imagegen.common.stage_settings import DEFAULT_CACHE_ROOT
+
 # Bump whenever the bytes written change: it is part of the cache folder name.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
+# The deployment defaults (`imagegen.json`) a variant's folder carries: Turbo is distilled for 8 steps without CFG
+# (as the Z-Image-Turbo model card runs it). Published Turbo folders carry none: their operator sets them.
+MODEL_DEFAULTS = {"turbo": ModelDefaults(steps=8, guidance_scale=0.0)}
 Z_DIT_HEADS, Z_DIT_HEAD_DIM = 4, 24
 
-FAMILIES = ("qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "z-image")
+FAMILIES = tuple(FAMILY_TABLE)
+# The tiny checkpoints of each family: the plain one, and those of a real checkpoint variant that changes the
+# arithmetic (Edit-2511's `zero_cond_t`, Turbo's scheduler shift).
 VARIANTS: dict[str, tuple[str | None, ...]] = {
     "qwen-image": (None,),
     "qwen-image-edit": (None,),
@@ -520,20 +530,20 @@ def build_tiny_checkpoint(
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
+    if variant in MODEL_DEFAULTS:
+        write_model_defaults(out, MODEL_DEFAULTS[variant])
     return out
 
 
 def _cache_root(cache_dir: str | None) -> pathlib.Path:
-    if cache_dir is not None:
-        return pathlib.Path(cache_dir)
-    base = os.environ.get("IMAGEGEN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "imagegen")
-    return pathlib.Path(base) / "tiny"
+    """`cache_dir`, else `tiny/` under the default cache root (the CLI passes its --cache-dir's)."""
+    return pathlib.Path(cache_dir) if cache_dir is not None else pathlib.Path(DEFAULT_CACHE_ROOT) / "tiny"
 
 
 def tiny_checkpoint_cached(
     family: str, variant: str | None = None, seed: int = 0, cache_dir: str | None = None, heads: int | None = None
 ) -> pathlib.Path:
-    """Build once into ``cache_dir`` (default ``$IMAGEGEN_CACHE/tiny``, else ``~/.cache/imagegen/tiny``) and return
+    """Build once into ``cache_dir`` (default ``~/.cache/imagegen/tiny``) and return
     ``<root>/<family>[-<variant>][-h<heads>]-s<seed>-v<BUILDER_VERSION>``. Concurrent callers (threads or processes)
     each build into a private temp folder and rename it into place; the first rename wins, the others discard
     their copy."""

@@ -30,7 +30,9 @@ from diffusers import (
 from imagegen.common import conditioning as cond
 from imagegen.common import tiny
 from imagegen.common.denoise import DenoiseJob, StepHooks
-from imagegen.common.families import qwen_image, z_image
+from imagegen.common.families.qwen_image import pipeline as qwen_image
+from imagegen.common.families.qwen_image.vae import QwenVae
+from imagegen.common.families.z_image import pipeline as z_image
 from imagegen.common.latents import patchify
 from imagegen.common.options import ResolvedOptions
 from imagegen.common.schedule import Schedule
@@ -358,7 +360,7 @@ def test_qwen_padding_mask_crop_pastes_back_like_diffusers(qwen_pipe, monkeypatc
     image, mask = _image(96, 80, seed=43), _mask(96, 80)
     ref = _qwen_reference(qwen_pipe, 35, 0.9, False, image, mask, 4, images=True)[0]
     latents = _qwen_ours(qwen_pipe, monkeypatch, 35, 0.9, False, image, mask, 4)
-    vae = qwen_image.QwenVae.from_module(qwen_pipe.vae, "qwen-image")
+    vae = QwenVae.from_module(qwen_pipe.vae, "qwen-image")
     with torch.no_grad():
         decoded = vae.decode(latents, *Q_SIZE)
     crop = cond.preprocess_inpaint(image, mask, *Q_SIZE, padding_mask_crop=4).crop
