@@ -161,10 +161,10 @@ def _blend_hook(init, noise, mask, trimmed: Schedule, channel_last: bool, skip_l
 
 # ------------------------------------------------------------------------------------------- Z-Image
 Z_SIZE = (64, 48)
-# Our stage computes the time embedding and adaLN modulations on one row per branch; diffusers batches the CFG
-# pair, two rows, which rounds row 0 differently on MKL (~3e-6 on the DiT output; bit-equal once ours uses two
-# rows too). A guidance of 4 amplifies that to 1.02e-5 after 3 steps, so the CFG cases run at 2.
-Z_CFG = 2.0
+# The issue's CFG guidance. Our stage computes the time embedding and adaLN modulations on the row count that
+# diffusers' CFG batch has (`imagegen.common.call_rows`); before that a guidance of 4 amplified the row-count
+# rounding to 1.02e-5 after 3 steps.
+Z_CFG = 4.0
 
 
 def _z_inputs(z_pipe, seed: int, cfg: bool):
