@@ -380,9 +380,9 @@ def qwen_stages(recipe: Recipe) -> tuple[Callable, Callable]:
 def z_stages(recipe: Recipe) -> tuple[Callable, Callable]:
     """`_layer_pre` / `_layer_post` of `imagegen.common.families.z_image.dit_fast` under `recipe`."""
 
-    def pre(layer, x, adaln, cos, sin):
+    def pre(layer, x, mod, cos, sin):
         attn = layer.attention
-        scale_msa, gate_msa, scale_mlp, gate_mlp = layer.adaLN_modulation(adaln).unsqueeze(1).chunk(4, dim=2)
+        scale_msa, gate_msa, scale_mlp, gate_mlp = mod.unsqueeze(1).chunk(4, dim=2)
         norm1 = layer.attention_norm1
         if recipe.pre_norm != "triton":
             h = norm1(x) * (1.0 + scale_msa)

@@ -90,7 +90,8 @@ def z_args(layer, seed: int = 0) -> tuple:
     g = torch.Generator().manual_seed(seed)
     dim, heads = 96, layer.attention.heads
     angles = torch.rand(1, 48, dim // heads // 2, generator=g) * 6
-    return (torch.randn(1, 48, dim, generator=g), torch.randn(1, 96, generator=g), angles.cos(), angles.sin())
+    # The third argument is the layer's adaLN modulation `[B, 4 * dim]` (computed outside the stage).
+    return (torch.randn(1, 48, dim, generator=g), torch.randn(1, 4 * dim, generator=g), angles.cos(), angles.sin())
 
 
 @pytest.mark.parametrize("recipe", [FUSED, variants.Recipe(qk="flip")], ids=["triton-fallbacks", "flip"])

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from imagegen.common.call_rows import CallRows
-from imagegen.common.families.z_image import PATCH_KEY
-from imagegen.common.families.z_image.dit import embed_image
+from imagegen.common.families.z_image.dit import embed_image, final_layer
 from imagegen.common.kernels import (
     BlockStages,
     attention_rows,
@@ -22,10 +21,11 @@ from imagegen.common.kernels import (
 )
 
 
-def _layer_pre(layer, x, adaln, cos, sin):
-    """adaLN modulation, norm, fused QKV, QK norm and RoPE of a modulated layer."""
+def _layer_pre(layer, x, mod, cos, sin):
+    """Norm, fused QKV, QK norm and RoPE of a modulated layer, its adaLN modulation `mod` `[B, 4 * dim]` given
+    (computed outside, on diffusers' row count: `imagegen.common.call_rows`)."""
     attn = layer.attention
-    scale_msa, gate_msa, scale_mlp, gate_mlp = layer.adaLN_modulation(adaln).unsqueeze(1).chunk(4, dim=2)
+    scale_msa, gate_msa, scale_mlp, gate_mlp = mod.unsqueeze(1).chunk(4, dim=2)
     h = layer.attention_norm1(x) * (1.0 + scale_msa)
     q, k, v = F.linear(h, attn.qkv_weight).unflatten(-1, (3, attn.heads, -1)).unbind(2)
     q, k = rotate_pairs(attn.norm_q(q), cos, sin), rotate_pairs(attn.norm_k(k), cos, sin)
@@ -80,27 +80,27 @@ class ZImageFastDiT:
     ) -> torch.Tensor:
         """`tokens` `[B, n_latent, 64]` in the model dtype, `timestep` `[1]` = (1000 - t) / 1000 in float32 ->
         model output `[B, n_latent, 64]` (not yet negated). `rows`: the diffusers call each row's time embedding
-        comes from (`CallRows`; default one call of B). The layers' modulations run on the forward's B rows
-        inside the compiled stage, which is diffusers' count for one unbatched job with both CFG branches local."""
+        and modulations come from (`CallRows`; default one call of B), computed outside the compiled stages."""
         tr = self.transformer
         pre, post = self.stages(compile)
         rows = rows or CallRows.of([(tokens.shape[0], r) for r in range(tokens.shape[0])])
-        calls, image = embed_image(tr, tokens, timestep, rows, inputs.registers)
-        adaln = rows.take(calls)
+        adaln, image = embed_image(tr, tokens, timestep, rows, inputs.registers)
         # The image and caption lengths are dynamic: one compiled graph serves every size and prompt, so a new
         # size costs only its CUDA graph capture and attention choice.
         for table in (inputs.image_cos, inputs.image_sin, inputs.joint_cos, inputs.joint_sin):
             batch_dynamic(table, 1)
         for layer in tr.noise_refiner:
-            q, k, v, *mods = pre(layer, batch_dynamic(image, 1), adaln, inputs.image_cos, inputs.image_sin)
-            image = post(layer, image, batch_dynamic(sdpa(q, k, v), 1), *mods)
+            # The modulation has the forward's rows: its batch dim is dynamic like the tokens'.
+            mod = batch_dynamic(rows.apply(layer.adaLN_modulation, adaln))
+            q, k, v, *mods = pre(layer, batch_dynamic(image, 1), mod, inputs.image_cos, inputs.image_sin)
+            image = post(layer, image, batch_dynamic(sdpa(q, k, v), 1), *map(batch_dynamic, mods))
         unified = torch.cat([image, inputs.captions], dim=1)
         valid = tuple(image.shape[1] + n for n in caption_lengths)
         for layer in tr.layers:
             batch_dynamic(unified, 1)
-            q, k, v, *mods = pre(layer, unified, adaln, inputs.joint_cos, inputs.joint_sin)
+            mod = batch_dynamic(rows.apply(layer.adaLN_modulation, adaln))
+            q, k, v, *mods = pre(layer, unified, mod, inputs.joint_cos, inputs.joint_sin)
             # Joined outside the compiled stage: a list of per-row outputs would put the batch in its guards.
             joint = batch_dynamic(join_rows(attention_rows(q, k, v, valid), unified.shape[1]), 1)
-            unified = post(layer, unified, joint, *mods)
-        out = tr.all_final_layer[PATCH_KEY](unified, c=adaln)
-        return out[:, : tokens.shape[1]]
+            unified = post(layer, unified, joint, *map(batch_dynamic, mods))
+        return final_layer(tr, unified, adaln, rows)[:, : tokens.shape[1]]
