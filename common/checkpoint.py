@@ -23,6 +23,7 @@ FAMILY_BY_PIPELINE = {
     "QwenImageEditPipeline": "qwen-image-edit",
     "QwenImageEditPlusPipeline": "qwen-image-edit-plus",
     "ZImagePipeline": "z-image",
+    "QwenImage21Pipeline": "qwen-image-2.1",  # also its Turbo checkpoint (`sample_sigmas` in model_index.json)
 }
 
 _QWEN_COMMON = {
@@ -42,6 +43,13 @@ SUPPORTED_CLASSES: dict[str, dict[str, set[str]]] = {
         "vae": {"AutoencoderKL"},
         "text_encoder": {"Qwen3Model", "Qwen3ForCausalLM"},
         "tokenizer": {"Qwen2Tokenizer", "Qwen2TokenizerFast"},
+        "scheduler": {"FlowMatchEulerDiscreteScheduler"},
+    },
+    "qwen-image-2.1": {
+        "transformer": {"QwenImage21Transformer2DModel"},
+        "vae": {"AutoencoderKLQwenImage21"},
+        "text_encoder": {"Qwen3VLForConditionalGeneration"},
+        "processor": {"Qwen3VLProcessor"},
         "scheduler": {"FlowMatchEulerDiscreteScheduler"},
     },
 }

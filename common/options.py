@@ -34,6 +34,7 @@ class FamilyDefaults:
     cfg_above: float = 1.0
     min_images: int = 0
     max_images: int = 0
+    size_multiple: int = 16  # width and height must be multiples of this (Qwen-Image-2.1: 32)
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ def resolve_options(
     width = options.width if options.width is not None else fallback_w
     height = options.height if options.height is not None else fallback_h
     for name, value in (("width", width), ("height", height)):
-        check_int(name, value, 16, limits.max_side, multiple_of=16)
+        check_int(name, value, defaults.size_multiple, limits.max_side, multiple_of=defaults.size_multiple)
 
     steps = defaults.steps if options.steps is None else options.steps
     check_int("steps", steps, defaults.min_steps, limits.max_steps)

@@ -77,7 +77,7 @@ def check_resolved(
         raise InvalidArgument(f"{prefix}family", f"this stage hosts {family}, not {options.family!r}")
     check_text(f"{prefix}prompt", options.prompt, limits)
     check_text(f"{prefix}negative_prompt", options.negative_prompt, limits)
-    check_size(options.width, options.height, limits, prefix)
+    check_size(options.width, options.height, limits, prefix, defaults.size_multiple)
     check_int(f"{prefix}steps", options.steps, defaults.min_steps, limits.max_steps)
     check_number(f"{prefix}guidance_scale", options.guidance_scale, 0.0, limits.max_guidance_scale)
     check_number(f"{prefix}cfg_normalization", options.cfg_normalization, 0.0, 1e6)
@@ -89,9 +89,9 @@ def check_resolved(
     check_int(f"{prefix}seed", options.seed, 0, 2**63 - 1)
 
 
-def check_size(width: int, height: int, limits: Limits, prefix: str = "") -> None:
+def check_size(width: int, height: int, limits: Limits, prefix: str = "", multiple: int = 16) -> None:
     for name, value in (("width", width), ("height", height)):
-        check_int(f"{prefix}{name}", value, 16, limits.max_side, multiple_of=16)
+        check_int(f"{prefix}{name}", value, multiple, limits.max_side, multiple_of=multiple)
 
 
 def response_bytes(num_images: int, width: int, height: int, fmt: str) -> int:

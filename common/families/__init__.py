@@ -1,4 +1,4 @@
-"""The model families: each is data plus one module (`qwen_image`, `z_image`).
+"""The model families: each is data plus one module or package (`qwen_image`, `z_image`, `qwen_image_21`).
 
 `Family` is the table the stages and services look up by name; nothing outside the family modules knows a
 family-specific fact.
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from imagegen.common.errors import ModelLoadError
 from imagegen.common.families import qwen_image, z_image
+from imagegen.common.families.qwen_image_21 import facts as qwen21_facts
+from imagegen.common.families.qwen_image_21 import pipeline as qwen21
 from imagegen.common.options import FamilyDefaults
 
 
@@ -59,6 +61,17 @@ FAMILIES: dict[str, Family] = {
         denoiser=z_image.ZImageDenoiser,
         default_size=lambda sizes: None,
         warmup_jobs=z_image.warmup_jobs,
+    ),
+    qwen21_facts.NAME: Family(
+        name=qwen21_facts.NAME,
+        defaults=qwen21_facts.DEFAULTS,
+        template_version=qwen21_facts.TEMPLATE_VERSION,
+        text_components=("text_encoder", "processor"),
+        text_encoder=qwen21.Qwen21TextEncoder,
+        vae=qwen21.Qwen21Vae,
+        denoiser=qwen21.Qwen21Denoiser,
+        default_size=lambda sizes: None,
+        warmup_jobs=qwen21.warmup_jobs,
     ),
 }
 
