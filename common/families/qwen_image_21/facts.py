@@ -39,9 +39,7 @@ DEFAULTS = FamilyDefaults(
 def t2i_prompt(prompt: str) -> str:
     """The pipeline's `prompt_template_t2i` around `prompt` (an empty prompt becomes " ": Qwen has no BOS)."""
     user = prompt or " "
-    return (
-        f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-    )
+    return f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def latent_grid(width: int, height: int) -> tuple[int, int]:

@@ -51,12 +51,15 @@ class Qwen21TextEncoder:
         self.device = torch.device(device)
         self.dtype = self.model.dtype
         self.drop_tokens = system_tokens(self.processor)
-        self.image_token = self.processor.tokenizer.encode(facts.IMAGE_PAD)[0]
 
     @torch.no_grad()
     def encode(self, prompt: str, images: list, max_sequence_length: int) -> torch.Tensor:
         if images:
             raise InvalidArgument("images", f"{facts.NAME} is served for text-to-image only")
+        for token in (self.processor.image_token, getattr(self.processor, "video_token", None)):
+            if token and token in prompt:
+                # A vision slot without an image: the processor (and the DiT) would look for one.
+                raise InvalidArgument("prompt", f"must not contain {token} in text-to-image")
         text = facts.t2i_prompt(prompt)
         inputs = self.processor(text=[text], padding=True, padding_side="left", return_tensors="pt").to(self.device)
         kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
@@ -71,10 +74,6 @@ class Qwen21TextEncoder:
         finally:
             handle.remove()
         mask = inputs["attention_mask"][0]
-        ids = take_masked(inputs["input_ids"][0], mask)[self.drop_tokens :]
-        if bool((ids == self.image_token).any()):
-            # A vision slot without an image: the DiT would look for condition tokens that do not exist.
-            raise InvalidArgument("prompt", f"must not contain {facts.IMAGE_PAD} in text-to-image")
         return take_masked(hidden[0], mask)[self.drop_tokens :].to(self.dtype)
 
 
@@ -191,7 +190,9 @@ class Qwen21Denoiser(DenoiseStage):
             text = embeds[None].expand(rows, -1, -1)
             return text, sequence, self.dit.new_cache()
 
-        branches = [{name: branch(job, name, n.shape[0]) for name in local} for job, n in zip(jobs, noises, strict=True)]
+        branches = [
+            {name: branch(job, name, n.shape[0]) for name in local} for job, n in zip(jobs, noises, strict=True)
+        ]
         started: set[tuple[int, str]] = set()
 
         def forward(member: int, name: str, model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
