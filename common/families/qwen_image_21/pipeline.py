@@ -105,7 +105,10 @@ class Qwen21Vae:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
         rows, cols = facts.latent_grid(width, height)
-        grid = latents.transpose(1, 2).reshape(latents.shape[0], latents.shape[2], 1, rows, cols)
+        # Channel-major memory whatever the caller's layout: the pipeline's latents are (the noise is drawn that
+        # way and the Euler step keeps it), a gathered group result is not, and the VAE's convolutions round
+        # differently on another memory layout.
+        grid = latents.transpose(1, 2).contiguous().reshape(latents.shape[0], latents.shape[2], 1, rows, cols)
         grid = grid.to(device=self.device, dtype=self.dtype)
         grid = grid * self._std.to(grid.device, grid.dtype) + self._mean.to(grid.device, grid.dtype)
         return self.vae.decode(grid, return_dict=False)[0][:, :, 0]
