@@ -50,12 +50,13 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 BUILDER_VERSION = 2
 Z_DIT_HEADS, Z_DIT_HEAD_DIM = 4, 24
 
-FAMILIES = ("qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "z-image")
+FAMILIES = ("qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "z-image", "qwen-image-2.1")
 VARIANTS: dict[str, tuple[str | None, ...]] = {
     "qwen-image": (None,),
     "qwen-image-edit": (None,),
     "qwen-image-edit-plus": (None, "2511"),
     "z-image": (None, "turbo"),
+    "qwen-image-2.1": (None, "turbo"),  # built by `imagegen.common.tiny_qwen_image_21`
 }
 
 # --- sizes --------------------------------------------------------------------------------------------------------
@@ -505,6 +506,11 @@ def build_tiny_pipeline(
     `heads` overrides the DiT's attention head count (e.g. 6, which 4 and 8 sequence-parallel ranks do not
     divide); the default is 4."""
     _validate(family, variant)
+    if family == "qwen-image-2.1":  # Qwen3-VL and the RGBA VAE: its own builder, which runs its own checks
+        from imagegen.common.tiny_qwen_image_21 import DIT_HEADS as QWEN21_HEADS
+        from imagegen.common.tiny_qwen_image_21 import build_qwen_image_21_pipeline
+
+        return build_qwen_image_21_pipeline(seed, variant=variant, heads=heads or QWEN21_HEADS)
     pipe = _build_pipeline(family, seed, variant, heads)
     if family != "z-image":
         check_template_token_counts(pipe)

@@ -25,6 +25,9 @@ Defaults (each equals the diffusers 0.42.1 pipeline's default for the family):
   z-image               steps 50, guidance 5.0 (CFG on when > 0, negative prompt "" by default),
                         1024x1024, max sequence length 512, cfg normalization off, cfg truncation 1.0
   Z-Image-Turbo checkpoints are run with --steps 8 --guidance-scale 0.
+  qwen-image-2.1        steps 40 (Turbo: its stored sigma grid, whatever --steps says), guidance
+                        (true_cfg_scale) 1.0, so no CFG unless --guidance-scale > 1 and --negative-prompt;
+                        1024x1024, width and height multiples of 32; RGBA output
 The seed defaults to a random one, printed so that the image can be reproduced.
 """
 
@@ -33,14 +36,14 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="diffusers-format model folder (default: a tiny demo checkpoint)")
     parser.add_argument(
         "--family",
-        choices=["qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "z-image"],
+        choices=["qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "z-image", "qwen-image-2.1"],
         help="with no --model: which tiny demo checkpoint to build and use",
     )
     parser.add_argument("--target", help="HOST:PORT of a running gateway; default: run in this process")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", help="enables CFG (Qwen: with --guidance-scale > 1)")
-    parser.add_argument("--width", type=int, help="multiple of 16")
-    parser.add_argument("--height", type=int, help="multiple of 16")
+    parser.add_argument("--width", type=int, help="multiple of 16 (qwen-image-2.1: 32)")
+    parser.add_argument("--height", type=int, help="multiple of 16 (qwen-image-2.1: 32)")
     parser.add_argument("--steps", type=int, help="denoising steps")
     parser.add_argument(
         "--guidance-scale", type=float, help="true_cfg_scale for the Qwen families, guidance_scale for Z-Image"
@@ -113,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("make-tiny", help="build a tiny random-weight checkpoint of the real classes")
     tiny.add_argument(
-        "--family", required=True, choices=["qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "z-image"]
+        "--family", required=True, choices=["qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "z-image", "qwen-image-2.1"]
     )
-    tiny.add_argument("--variant", help="z-image: turbo; qwen-image-edit-plus: 2511")
+    tiny.add_argument("--variant", help="z-image, qwen-image-2.1: turbo; qwen-image-edit-plus: 2511")
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)
 
