@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("make-tiny", help="build a tiny random-weight checkpoint of the real classes")
     tiny.add_argument(
-        "--family", required=True, choices=["qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "z-image", "qwen-image-2.1"]
+        "--family",
+        required=True,
+        choices=["qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "z-image", "qwen-image-2.1"],
     )
     tiny.add_argument("--variant", help="z-image, qwen-image-2.1: turbo; qwen-image-edit-plus: 2511")
     tiny.add_argument("--out", required=True)

@@ -206,3 +206,25 @@ def test_images_are_refused(ours) -> None:
     with pytest.raises(InvalidArgument) as caught:
         ours(CASES["short-cfg-64x96"], [PIL.Image.new("RGB", (64, 64))])
     assert caught.value.field == "images"
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+def test_cli_make_tiny_and_generate_rgba(tmp_path, capsys) -> None:
+    import numpy as np
+    import PIL.Image
+
+    from imagegen.cli import main
+
+    assert main(["make-tiny", "--family", "qwen-image-2.1", "--variant", "turbo", "--out", str(tmp_path / "t")]) == 0
+    folder = tmp_path / "t"
+    assert (folder / "model_index.json").is_file()
+    common = ["generate", "--model", str(folder), "--prompt", SHORT, "--width", "64", "--height", "32", "--seed", "3"]
+    assert main([*common, "--output", str(tmp_path / "out.png")]) == 0
+    with PIL.Image.open(tmp_path / "out.png") as image:
+        assert (image.mode, image.size) == ("RGBA", (64, 32))
+    assert main([*common, "--output", str(tmp_path / "out.npy")]) == 0
+    expected = Pipeline(folder)(RequestOptions(SHORT, width=64, height=32, seed=3))
+    assert np.array_equal(np.load(tmp_path / "out.npy"), expected)  # the Turbo grid, the same bytes
+    capsys.readouterr()
+    assert main([*common, "--output", str(tmp_path / "out.jpg")]) == 2  # JPEG has no alpha: one line, no traceback
+    assert "JPEG has no alpha" in capsys.readouterr().err
