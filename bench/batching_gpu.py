@@ -45,9 +45,11 @@ from imagegen.common.serving import metrics
 from imagegen.common.serving.convert import resolved_to_proto
 from imagegen.common.serving.embeddings import TENSOR_NAME
 from imagegen.common.serving.hosting import HostedModel
+from imagegen.common.stage_settings import StageSettings
 from imagegen.common.tiny import tiny_checkpoint_cached
 from imagegen.common.wire import LATENTS, pack, unpack
 from imagegen.services.denoiser import DenoiserServicer
+from imagegen.services.denoiser_config import DenoiserConfig
 from imagegen.v1 import denoiser_pb2, denoiser_pb2_grpc, encoder_pb2
 
 MESSAGE_BYTES = 256 << 20
@@ -96,13 +98,14 @@ def build_stages(workload: Workload, smoke: bool, compile: str):
     family = get_family(workload.family)
     folder = open_model_folder(tiny_checkpoint_cached(workload.family, workload.variant))
     if smoke:
-        stage = family.denoiser(folder, torch.float32, "cpu", kernels="fast", compile="off")
+        stage = family.denoiser(folder, torch.float32, "cpu", StageSettings(kernels="fast", compile="off"))
         return stage, family.vae(folder, torch.float32, "cpu"), folder
     from bench.e2e_gpu import full_size_transformer, full_size_vae
 
     transformer = full_size_transformer(workload.family)
-    stage = family.denoiser.from_transformer(transformer, folder.scheduler_config(), kernels="fast", compile=compile)
-    return stage, family.vae.from_module(full_size_vae(workload.family), workload.family), folder
+    settings = StageSettings(kernels="fast", compile=compile)
+    stage = family.denoiser.from_transformer(transformer, folder.scheduler_config(), settings)
+    return stage, family.vae_from_module(full_size_vae(workload.family)), folder
 
 
 def service_args(folder, workload: Workload, max_batch: int, wait_ms: float, smoke: bool, compile: str):
@@ -214,7 +217,7 @@ def run_workload(name: str, workload: Workload, args: argparse.Namespace) -> dic
         service = service_args(folder, workload, max_batch, args.batch_wait_ms, args.smoke, args.compile)
         before = histogram_sum(metrics.BATCH_SIZE)
         prepare_start = time.perf_counter()
-        servicer = DenoiserServicer(service, model, engine=stage)
+        servicer = DenoiserServicer(DenoiserConfig.from_flags(service, model), model, stage=stage)
         (_, _, warm_s), (blobs, latencies, wall) = asyncio.run(
             serve_and_drive(servicer, [(warm, args.callers), (timed, args.callers)])
         )

@@ -328,7 +328,7 @@ def _qwen_qk(recipe, attn, img_qkv, txt_qkv, img_cos, img_sin, txt_cos, txt_sin)
 
 
 def qwen_stages(recipe: Recipe) -> tuple[Callable, Callable]:
-    """`_block_pre` / `_block_post` of `imagegen.common.families.qwen_image` under `recipe` (same signatures)."""
+    """`_block_pre` / `_block_post` of `imagegen.common.families.qwen_image.dit_fast` under `recipe`."""
 
     def pre(block, hidden, text, img_mod1, txt_mod1, index, img_cos, img_sin, txt_cos, txt_sin):
         attn = block.attn
@@ -378,7 +378,7 @@ def qwen_stages(recipe: Recipe) -> tuple[Callable, Callable]:
 
 # ------------------------------------------------------------------------------------------- Z-Image stages
 def z_stages(recipe: Recipe) -> tuple[Callable, Callable]:
-    """`_layer_pre` / `_layer_post` of `imagegen.common.families.z_image` under `recipe`."""
+    """`_layer_pre` / `_layer_post` of `imagegen.common.families.z_image.dit_fast` under `recipe`."""
 
     def pre(layer, x, adaln, cos, sin):
         attn = layer.attention
@@ -468,7 +468,9 @@ class Workload:
 
 def qwen_workload(tr, size: int, lengths: tuple[int, ...], device, dtype, compile: bool, steps: int,
                   suffix: str = "") -> Workload:  # fmt: skip
-    from imagegen.common.families.qwen_image import QwenFastDiT, QwenFastInputs, qwen_rotary, token_grid
+    from imagegen.common.families.qwen_image import token_grid
+    from imagegen.common.families.qwen_image.dit import qwen_rotary
+    from imagegen.common.families.qwen_image.dit_fast import QwenFastDiT, QwenFastInputs
 
     fast = QwenFastDiT(tr)
     gen = torch.Generator().manual_seed(7)
@@ -510,7 +512,9 @@ def qwen_workload(tr, size: int, lengths: tuple[int, ...], device, dtype, compil
 
 
 def z_workload(tr, size: int, caption_len: int, device, dtype, compile: bool, steps: int) -> Workload:
-    from imagegen.common.families.z_image import ImageSlots, ZImageDiT, ZImageFastDiT, ZImageFastInputs, padded_length
+    from imagegen.common.families.z_image import padded_length
+    from imagegen.common.families.z_image.dit import ImageSlots, ZImageDiT
+    from imagegen.common.families.z_image.dit_fast import ZImageFastDiT, ZImageFastInputs
 
     dit = ZImageDiT(tr)
     fast = ZImageFastDiT(tr)

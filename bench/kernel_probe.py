@@ -263,8 +263,8 @@ def probe_blocks() -> None:
     from diffusers import QwenImageTransformer2DModel, ZImageTransformer2DModel
 
     from imagegen.common.attention import LOCAL_ATTENTION, AttentionLayout
-    from imagegen.common.families.qwen_image import QwenDiT, qwen_rotary
-    from imagegen.common.families.z_image import ImageSlots, ZImageDiT
+    from imagegen.common.families.qwen_image.dit import QwenDiT, qwen_rotary
+    from imagegen.common.families.z_image.dit import ImageSlots, ZImageDiT
     from imagegen.common.sharding import SequencePlan
 
     torch.set_grad_enabled(False)

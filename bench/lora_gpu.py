@@ -42,6 +42,7 @@ from bench.compare import cosine
 from imagegen.common.checkpoint import open_model_folder
 from imagegen.common.families import get_family
 from imagegen.common.lora.tiny import random_lora
+from imagegen.common.stage_settings import StageSettings
 
 # (family, variant, size, steps, job index of `warmup_jobs`: 0 = CFG, 1 = no CFG)
 WORKLOADS = {
@@ -97,7 +98,9 @@ def merge_fidelity(family, stage, transformer, folder, job, loras, base: torch.T
     next to the fast path's own rounding against the reference kernels without adapters."""
     merged = stage.run(dataclasses.replace(job, loras=loras))
     stage.use_loras(())  # the base weights back: the side terms go on top of them
-    reference = family.denoiser.from_transformer(transformer, folder.scheduler_config(), "reference", "off")
+    reference = family.denoiser.from_transformer(
+        transformer, folder.scheduler_config(), StageSettings(kernels="reference", compile="off")
+    )
     base_reference = reference.run(job)
     hooks = []
     for path, scale in loras:
@@ -132,7 +135,8 @@ def bench_workload(name: str, args, out_dir: Path) -> dict:
     size, steps, rank = (SMOKE_SIZE, SMOKE_STEPS, SMOKE_RANK) if smoke else (size, steps, args.rank)
     transformer = build_transformer(family_name, smoke, folder)
     kernels, compile = ("reference", "off") if smoke else ("fast", args.compile)
-    stage = family.denoiser.from_transformer(transformer, folder.scheduler_config(), kernels, compile)
+    settings = StageSettings(kernels=kernels, compile=compile)
+    stage = family.denoiser.from_transformer(transformer, folder.scheduler_config(), settings)
     config = dict(transformer.config)
     job = family.warmup_jobs(size, size, config)[job_index]
     job = dataclasses.replace(job, options=dataclasses.replace(job.options, steps=steps, seed=7))

@@ -6,7 +6,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.sp_gpu import build_transformer
 from imagegen.common.attention import LOCAL_ATTENTION, AttentionLayout
-from imagegen.common.families.qwen_image import QwenDiT, qwen_rotary
+from imagegen.common.families.qwen_image.dit import QwenDiT, qwen_rotary
 
 torch.set_grad_enabled(False)
 device = torch.device("cuda")

@@ -14,17 +14,13 @@ never reaches a real token and a member's image equals its image alone.
 from __future__ import annotations
 
 from collections.abc import Hashable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from imagegen.common.denoise import DenoiseJob
-
-
-def adapter_key(job: DenoiseJob) -> Hashable:
-    """The adapter set (LoRA files and scales, in order) a job runs with: jobs with different sets never share
-    a forward (the weights are merged per set)."""
-    return job.lora_key
+if TYPE_CHECKING:  # `imagegen.common.denoise` imports this module
+    from imagegen.common.denoise import DenoiseJob
 
 
 def batch_key(job: DenoiseJob) -> Hashable:
@@ -38,12 +34,14 @@ def batch_key(job: DenoiseJob) -> Hashable:
         o.uses_cfg,
         o.cfg_truncation if o.uses_cfg else None,
         tuple(tuple(shape) for shape in job.condition_shapes),
-        adapter_key(job),
+        job.loras,  # the adapter set (files and scales, in order): the weights are merged per set
     )
 
 
 def check_batch(jobs: list[DenoiseJob]) -> None:
     """A batch must share one key: the stages rely on it (one schedule, one sequence layout)."""
+    if len({job.loras for job in jobs}) > 1:
+        raise ValueError("jobs with different LoRA sets cannot share a forward (the weights are merged per set)")
     keys = {batch_key(job) for job in jobs}
     if len(keys) != 1:
         raise ValueError(f"jobs of {len(keys)} different batch keys cannot share a forward")

@@ -17,42 +17,7 @@ from typing import Any
 import torch
 
 from imagegen.common.errors import ModelLoadError
-
-FAMILY_BY_PIPELINE = {
-    "QwenImagePipeline": "qwen-image",
-    "QwenImageEditPipeline": "qwen-image-edit",
-    "QwenImageEditPlusPipeline": "qwen-image-edit-plus",
-    "ZImagePipeline": "z-image",
-    "QwenImage21Pipeline": "qwen-image-2.1",  # also its Turbo checkpoint (`sample_sigmas` in model_index.json)
-}
-
-_QWEN_COMMON = {
-    "transformer": {"QwenImageTransformer2DModel"},
-    "vae": {"AutoencoderKLQwenImage"},
-    "text_encoder": {"Qwen2_5_VLForConditionalGeneration"},
-    "tokenizer": {"Qwen2Tokenizer", "Qwen2TokenizerFast"},
-    "scheduler": {"FlowMatchEulerDiscreteScheduler"},
-}
-# The classes each family's components may have; anything else is refused before loading.
-SUPPORTED_CLASSES: dict[str, dict[str, set[str]]] = {
-    "qwen-image": _QWEN_COMMON,
-    "qwen-image-edit": {**_QWEN_COMMON, "processor": {"Qwen2VLProcessor", "Qwen2_5_VLProcessor"}},
-    "qwen-image-edit-plus": {**_QWEN_COMMON, "processor": {"Qwen2VLProcessor", "Qwen2_5_VLProcessor"}},
-    "z-image": {
-        "transformer": {"ZImageTransformer2DModel"},
-        "vae": {"AutoencoderKL"},
-        "text_encoder": {"Qwen3Model", "Qwen3ForCausalLM"},
-        "tokenizer": {"Qwen2Tokenizer", "Qwen2TokenizerFast"},
-        "scheduler": {"FlowMatchEulerDiscreteScheduler"},
-    },
-    "qwen-image-2.1": {
-        "transformer": {"QwenImage21Transformer2DModel"},
-        "vae": {"AutoencoderKLQwenImage21"},
-        "text_encoder": {"Qwen3VLForConditionalGeneration"},
-        "processor": {"Qwen3VLProcessor"},
-        "scheduler": {"FlowMatchEulerDiscreteScheduler"},
-    },
-}
+from imagegen.common.families import FAMILY_BY_PIPELINE, SUPPORTED_CLASSES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _TORCH_MODELS = {"transformer", "vae", "text_encoder"}

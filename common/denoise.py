@@ -1,25 +1,27 @@
-"""The denoising loop: the one place where a step starts and ends.
+"""The denoising loop: the one place where a step starts and ends, and the pieces every family's loop shares.
 
-Families supply `predict(latents, step) -> velocity` (their DiT forward(s) and CFG rule); the loop owns
-cancellation, the Euler update and progress. Nothing here reads a device value back to the host, so a step
-can later be captured whole (torch.compile / CUDA graphs).
+`DenoiseStage.run_batch` is the entry: it checks the batch, merges its LoRA set, then runs the family's
+`denoise`. A family's `denoise` prepares its latents and a `predict(active, latents, step) -> velocities`
+(its DiT forward on the reference or the fast kernels, then `member_velocities`: each member's rows, hooks and
+CFG rule); `run_batch_loop` owns cancellation, the Euler update and progress. Nothing here reads a device
+value back to the host, so a step can be captured whole (torch.compile / CUDA graphs).
 
-A batch of jobs (`imagegen.common.batching`) runs through `run_batch_loop`: one `predict` call per step for
-all of them, while each keeps its own latents, progress and stop decision (a member that stops leaves at a
-step boundary; the others go on).
+A batch of jobs (`imagegen.common.batching`) runs one `predict` call per step for all of them, while each keeps
+its own latents, progress and stop decision (a member that stops leaves at a step boundary; the others go on).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import torch
 from safetensors.torch import load, save
 
+from imagegen.common.batching import check_batch, member_rows
 from imagegen.common.checkpoint import ModelFolder
 from imagegen.common.errors import Cancelled
 from imagegen.common.graphs import GraphCache
@@ -28,10 +30,15 @@ from imagegen.common.lora import AdapterCache, AdapterSlot
 from imagegen.common.options import ResolvedOptions
 from imagegen.common.schedule import Schedule, euler_step
 from imagegen.common.sharding import LOCAL, Sharding
+from imagegen.common.stage_settings import StageSettings
 
-Predict = Callable[[torch.Tensor, int], torch.Tensor]
 # (indices of the members still running, their latents, step) -> their velocities, in the same order.
 BatchPredict = Callable[[tuple[int, ...], list[torch.Tensor], int], list[torch.Tensor]]
+# (member, its branch outputs in branch order, step) -> its velocity: the family's CFG rule.
+Combine = Callable[[int, list[torch.Tensor], int], torch.Tensor]
+
+V = TypeVar("V")
+BRANCHES = ("positive", "negative")  # CFG branches, in the order every family combines them
 
 
 @dataclass
@@ -44,12 +51,14 @@ class DenoiseJob:
     condition_latents: torch.Tensor | None = None  # edit images, family-specific packed layout
     condition_shapes: list[tuple[int, int, int]] = field(default_factory=list)
     # LoRA adapters as (resolved .safetensors path, scale), in request order; every rank of a group applies
-    # this same set, and jobs with different sets never share a forward (`lora_key`).
+    # this same set, and jobs with different sets never share a forward (`imagegen.common.batching.batch_key`).
     loras: tuple[tuple[str, float], ...] = ()
 
-    @property
-    def lora_key(self) -> tuple[tuple[str, float], ...]:
-        return self.loras
+    def embeds(self, branch: str) -> torch.Tensor:
+        """The text embeddings of CFG branch `branch` ("positive" or "negative")."""
+        embeds = self.prompt_embeds if branch == "positive" else self.negative_embeds
+        assert embeds is not None, f"the job has no {branch} branch"
+        return embeds
 
 
 _TENSOR_FIELDS = ("prompt_embeds", "negative_embeds", "condition_latents")
@@ -111,14 +120,6 @@ class StepHooks:
             self.on_model_output(step, branch, output)
 
 
-def run_denoise_loop(
-    predict: Predict, latents: torch.Tensor, schedule: Schedule, hooks: StepHooks, sharding: Sharding = LOCAL
-) -> torch.Tensor:
-    """Euler steps over `schedule` for one job (a batch of one); latents may be this rank's shard."""
-    result = run_batch_loop(lambda _, lat, step: [predict(lat[0], step)], [latents], schedule, [hooks], sharding)
-    return raise_or_return(result[0])
-
-
 def run_batch_loop(
     predict: BatchPredict,
     latents: list[torch.Tensor],
@@ -167,76 +168,92 @@ def raise_or_return(result: torch.Tensor | BaseException) -> torch.Tensor:
     return result
 
 
-def applies_loras(run: Callable) -> Callable:
-    """Wraps a stage's `run(job, ...)` or `run_batch(jobs, ...)`: the job's LoRA set is merged before the
-    first forward (a batch shares one set: `imagegen.common.batching.batch_key` holds it)."""
+def branch_names(cfg: bool) -> list[str]:
+    """The CFG branches a job runs: both with CFG, the positive one alone without."""
+    return list(BRANCHES) if cfg else [BRANCHES[0]]
 
-    @functools.wraps(run)
-    def wrapper(self: DenoiseStage, job, *args, **kwargs):
-        jobs = job if isinstance(job, list | tuple) else [job]
-        sets = {member.lora_key for member in jobs}
-        if len(sets) > 1:
-            raise ValueError("jobs with different LoRA sets cannot share a forward")
-        self.use_loras(jobs[0].loras if jobs else ())
-        return run(self, job, *args, **kwargs)
 
-    wrapper.applies_loras = True
-    return wrapper
+def member_velocities(
+    active: tuple[int, ...],
+    counts: list[int],
+    names: list[str],
+    outputs: list[torch.Tensor],
+    hooks: list[StepHooks],
+    step: int,
+    combine: Combine,
+    as_seen: Callable[[torch.Tensor], torch.Tensor] = lambda output: output,
+) -> list[torch.Tensor]:
+    """The per-member step of every family and kernel path: cut each active member's rows (members in order,
+    `counts[m]` rows each) out of the batched outputs of the branches `names`, show them to its hooks (as the
+    caller sees a whole output: `as_seen`, only when a hook is installed) and `combine` them into its velocity."""
+    velocities = []
+    for member, (lo, hi) in zip(active, member_rows([counts[m] for m in active]), strict=True):
+        mine = [output[lo:hi] for output in outputs]
+        if hooks[member].on_model_output is not None:
+            for name, output in zip(names, mine, strict=True):
+                hooks[member].model_output(step, name, as_seen(output))
+        velocities.append(combine(member, mine, step))
+    return velocities
+
+
+class PerActiveSet(Generic[V]):
+    """What a loop builds for the set of members still running (stacked inputs, forwards), by key; everything
+    is dropped when a member leaves: the old stacking is never used again."""
+
+    def __init__(self, build: Callable[..., V]) -> None:
+        self._build = build  # (active, *key) -> value
+        self._active: tuple[int, ...] | None = None
+        self._values: dict[Hashable, V] = {}
+
+    def __call__(self, active: tuple[int, ...], *key: Hashable) -> V:
+        if active != self._active:
+            self._active, self._values = active, {}
+        if key not in self._values:
+            self._values[key] = self._build(active, *key)
+        return self._values[key]
 
 
 class DenoiseStage:
     """Base of the families' denoise stages: their DiT forward over a loaded transformer, plus its scheduler
-    config. Subclasses name `dit_class` (the reference forward) and `fast_class` (the fast-path forward over the
-    same modules, `imagegen.common.kernels`) and implement `run_batch(jobs, hooks, sharding)`: jobs that share
-    a batch key (`imagegen.common.batching.batch_key`) in one forward per step, one result per job."""
+    config. Subclasses name `dit_class` (the reference forward), `fast_class` (the fast-path forward over the
+    same modules, `imagegen.common.kernels`) and `lora_family` (whose adapter formats the transformer takes),
+    and implement `denoise(jobs, hooks, sharding)`: one loop, the kernel path a choice inside it."""
 
     dit_class: type
     fast_class: type
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        # Every entry point a family defines merges its job's LoRA set first, so no forward ever runs on
-        # another request's adapters (nor on leftovers: a job without adapters restores the base weights).
-        for name in ("run", "run_batch"):
-            method = cls.__dict__.get(name)
-            if method is not None and not getattr(method, "applies_loras", False):
-                setattr(cls, name, applies_loras(method))
+    lora_family: str
 
     def __init__(
         self,
         folder: ModelFolder,
         dtype: torch.dtype,
         device: torch.device | str,
-        kernels: str | None = None,
-        compile: str | None = None,
+        settings: StageSettings = StageSettings(),
     ) -> None:
-        self._setup(folder.load("transformer", dtype, device), folder.scheduler_config(), kernels, compile)
+        """`settings`: kernel path, compile mode, CUDA graphs, adapter cache (`imagegen.common.stage_settings`)."""
+        self._setup(folder.load("transformer", dtype, device), folder.scheduler_config(), settings)
 
     @classmethod
     def from_transformer(
-        cls,
-        transformer: torch.nn.Module,
-        scheduler_config: dict,
-        kernels: str | None = None,
-        compile: str | None = None,
+        cls, transformer: torch.nn.Module, scheduler_config: dict, settings: StageSettings = StageSettings()
     ) -> DenoiseStage:
         """A stage over an already-built transformer (benchmarks build full-size ones with random weights)."""
         stage = cls.__new__(cls)
-        stage._setup(transformer, scheduler_config, kernels, compile)
+        stage._setup(transformer, scheduler_config, settings)
         return stage
 
-    def _setup(self, transformer: torch.nn.Module, scheduler_config: dict, kernels: str | None, compile) -> None:
+    def _setup(self, transformer: torch.nn.Module, scheduler_config: dict, settings: StageSettings) -> None:
         self.dit = self.dit_class(transformer)
         self.scheduler_config = dict(scheduler_config)
         self.device = transformer.device
         self.dtype = transformer.dtype
-        self.kernels = resolve_kernels(kernels, self.device)
-        self.compile_mode = resolve_compile(compile)
+        self.settings = settings
+        self.kernels = resolve_kernels(settings.kernels, self.device)
+        self.compile_mode = resolve_compile(settings.compile)
         self.fast = self.fast_class(transformer) if self.kernels == "fast" else None
-        self.graphs = GraphCache()
-        self._marker = CompileMarker(transformer)
-        family = "z-image" if type(transformer).__name__.startswith("ZImage") else "qwen-image"
-        self.adapters = AdapterCache(transformer, family)
+        self.graphs = GraphCache(enabled=settings.cuda_graphs)
+        self._marker = CompileMarker(transformer, settings.cache_root)
+        self.adapters = AdapterCache(transformer, self.lora_family, settings.lora_cache_bytes)
         self.lora_slot = AdapterSlot(transformer)
         self._base_scheduler_config = dict(self.scheduler_config)
 
@@ -258,9 +275,22 @@ class DenoiseStage:
         """One job: a batch of one (a stop raises `Cancelled`)."""
         return raise_or_return(self.run_batch([job], [hooks or StepHooks()], sharding)[0])
 
+    @torch.no_grad()
     def run_batch(
         self, jobs: list[DenoiseJob], hooks: list[StepHooks], sharding: Sharding = LOCAL
     ) -> list[torch.Tensor | BaseException]:
+        """Jobs that share a batch key (`imagegen.common.batching.batch_key`) in one forward per step; per job
+        its final latents, or the `Cancelled` that stopped it."""
+        check_batch(jobs)
+        # The batch's one adapter set (it is part of the key) is merged before the first forward, so no
+        # forward runs on another request's adapters, nor on leftovers: no adapters restores the base weights.
+        self.use_loras(jobs[0].loras)
+        return self.denoise(jobs, hooks, sharding)
+
+    def denoise(
+        self, jobs: list[DenoiseJob], hooks: list[StepHooks], sharding: Sharding
+    ) -> list[torch.Tensor | BaseException]:
+        """The family's loop over a checked batch whose adapters are merged."""
         raise NotImplementedError
 
     def uses_fast_path(self, sharding: Sharding) -> bool:

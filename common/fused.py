@@ -1,12 +1,12 @@
 """Fused kernels of the fast path, as `torch.library` custom ops with a plain-PyTorch twin.
 
 * `linear_gelu_tanh`: `gelu_tanh(x W^T + b)` with the activation in cuBLASLt's epilogue (`_addmm_activation`),
-  so the MLP's 4x-wide hidden state is written once instead of written, read and written again (the profile
-  put that GELU pass at ~7% of a Qwen-Image step; in the epilogue it costs nothing measurable). The compiler
-  treats the op as an opaque call, so it cannot split it back into a matmul and a pointwise kernel.
+  so the MLP's 4x-wide hidden state is written once instead of written, read and written again (the
+  measurement is in docs/benchmarks.md). The compiler treats the op as an opaque call, so it cannot split it
+  back into a matmul and a pointwise kernel.
 
-(A hand-written Triton kernel for QK norm + RoPE was measured too: 0.64 ms per Qwen block against 0.19 ms for
-the compiler's own fusion of `imagegen.common.kernels.rotate_pairs`, so the compiler's is what runs.)
+(A hand-written Triton kernel for QK norm + RoPE was measured too, and was slower than the compiler's own
+fusion of `imagegen.common.kernels.rotate_pairs` (docs/benchmarks.md), so the compiler's is what runs.)
 """
 
 from __future__ import annotations

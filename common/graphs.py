@@ -7,13 +7,12 @@ Shapes are fixed for the whole denoise loop of a request, so the forward of each
 after one warm-up call, and replayed every step with the new latents and timestep copied into its static
 inputs. Collectives inside (Ulysses all-to-alls on NCCL) are captured too. Captures use `thread_local` error
 mode, so other threads' CUDA work (the encoder and VAE stages of `serve all`) cannot invalidate them. On the
-CPU, or with `IMAGEGEN_CUDA_GRAPHS=0`, the forward simply runs eagerly.
+CPU, or with graphs off (`StageSettings.cuda_graphs`, the `--cuda-graphs` flag), the forward simply runs eagerly.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -25,8 +24,8 @@ log = logging.getLogger(__name__)
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def graphs_enabled(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get("IMAGEGEN_CUDA_GRAPHS", "1") != "0"
+def graphs_enabled(device: torch.device, enabled: bool = True) -> bool:
+    return enabled and device.type == "cuda"
 
 
 class GraphedForward:
@@ -63,8 +62,8 @@ class GraphedForward:
         return warm
 
 
-def maybe_graphed(forward: Forward, device: torch.device) -> Forward:
-    return GraphedForward(forward) if graphs_enabled(device) else forward
+def maybe_graphed(forward: Forward, device: torch.device, enabled: bool = True) -> Forward:
+    return GraphedForward(forward) if graphs_enabled(device, enabled) else forward
 
 
 class GraphCache:
@@ -78,8 +77,9 @@ class GraphCache:
     them, and run on a side stream as capture requires. Least recently used entries beyond `capacity` go.
     """
 
-    def __init__(self, capacity: int = 32) -> None:
+    def __init__(self, capacity: int = 32, enabled: bool = True) -> None:
         self.capacity = capacity
+        self.enabled = enabled  # False: every call runs eagerly (the `--cuda-graphs` flag)
         self._entries: OrderedDict[tuple, _Captured] = OrderedDict()
         self._pool = None
         self._lock = threading.Lock()
@@ -90,7 +90,7 @@ class GraphCache:
         return len(self._entries)
 
     def run(self, key: tuple, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
-        if not tensors[0].is_cuda or not graphs_enabled(tensors[0].device):
+        if not tensors[0].is_cuda or not graphs_enabled(tensors[0].device, self.enabled):
             return fn(*tensors)
         full_key = (key, tuple((tuple(t.shape), t.dtype) for t in tensors))
         with self._lock:

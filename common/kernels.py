@@ -12,7 +12,7 @@
   (the fast path's contract: PSNR >= 35 dB and per-step cosine >= 0.9999 against diffusers on the full-size GPU
   benchmarks, docs/benchmarks.md); what is computed does not. On the CPU in float32 it stays within 1e-5.
 
-`IMAGEGEN_KERNELS` (or `--kernels`) picks the path; `IMAGEGEN_COMPILE` (or `--compile`) says when to compile.
+`--kernels` (`StageSettings.kernels`) picks the path; `--compile` says when to compile.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from imagegen.common.errors import InvalidArgument
+from imagegen.common.stage_settings import DEFAULT_CACHE_ROOT
 
 KERNELS = ("fast", "reference")
-KERNELS_ENV = "IMAGEGEN_KERNELS"
 COMPILE_MODES = ("auto", "on", "off")
-COMPILE_ENV = "IMAGEGEN_COMPILE"
+# A debugging hook, not configuration: tests and bisecting trace without inductor's code generation.
 COMPILE_BACKEND_ENV = "IMAGEGEN_COMPILE_BACKEND"  # inductor; `eager`/`aot_eager` trace only (tests, bisecting)
 # A one-off run compiles only when the compiler's cache already holds this model's graphs and the job is long
 # enough for the ~25% faster forwards to repay tracing (a few seconds even with a warm cache).
@@ -43,31 +43,27 @@ AUTO_COMPILE_MIN_FORWARDS = 40
 
 
 def resolve_kernels(value: str | None, device: torch.device | str) -> str:
-    """`value`, else `$IMAGEGEN_KERNELS`, else `fast` on CUDA and `reference` elsewhere."""
-    value = value or os.environ.get(KERNELS_ENV) or ("fast" if torch.device(device).type == "cuda" else "reference")
+    """`value`, else `fast` on CUDA and `reference` elsewhere."""
+    value = value or ("fast" if torch.device(device).type == "cuda" else "reference")
     if value not in KERNELS:
         raise InvalidArgument("kernels", f"must be one of {', '.join(KERNELS)}, got {value!r}")
     return value
 
 
 def resolve_compile(value: str | None) -> str:
-    value = value or os.environ.get(COMPILE_ENV) or "auto"
+    value = value or "auto"
     if value not in COMPILE_MODES:
         raise InvalidArgument("compile", f"must be one of {', '.join(COMPILE_MODES)}, got {value!r}")
     return value
 
 
 # ------------------------------------------------------------------------------------------------ compilation
-def cache_root() -> Path:
-    return Path(os.environ.get("IMAGEGEN_CACHE") or Path.home() / ".cache" / "imagegen")
-
-
-def configure_compiler() -> None:
+def configure_compiler(cache_root: str | Path = DEFAULT_CACHE_ROOT) -> None:
     """One-time process configuration, at start-up before any stage runs (`imagegen serve`, `imagegen generate`,
     the GPU benchmarks): inductor's caches (FX graphs, Triton kernels, autotuning) under our cache folder unless
     the deployment chose a place, so that a restart on the same machine (or pod volume) compiles from cache.
-    Only here because it writes `os.environ`, which other threads (`serve all`'s stages) must never see change."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    Inductor reads its folder only from the environment, hence this one write, before other threads start."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_root) / "inductor"))
 
 
 def compiled(fn: Callable) -> Callable:
@@ -96,13 +92,13 @@ class CompileMarker:
     """A file per (model config, dtype, torch version) saying that this machine's compiler cache holds the
     graphs, so a one-off CLI run knows whether compiling is cheap. Written after a compiled forward ran."""
 
-    def __init__(self, transformer: torch.nn.Module) -> None:
+    def __init__(self, transformer: torch.nn.Module, cache_root: str | Path = DEFAULT_CACHE_ROOT) -> None:
         identity = json.dumps(
             [type(transformer).__name__, dict(transformer.config), str(transformer.dtype), torch.__version__],
             sort_keys=True,
             default=str,
         )
-        self.path = cache_root() / "compiled" / hashlib.sha256(identity.encode()).hexdigest()[:24]
+        self.path = Path(cache_root) / "compiled" / hashlib.sha256(identity.encode()).hexdigest()[:24]
 
     def present(self) -> bool:
         return self.path.is_file()

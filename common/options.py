@@ -6,6 +6,7 @@ name the request field, so the CLI prints one line and the gateway answers `INVA
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from imagegen.common.errors import InvalidArgument
 
 MAX_SEED = 2**63 - 1
+MAX_CFG_OPTION = 1e6  # cfg_normalization / cfg_truncation: any finite, non-negative value diffusers accepts
 # (width, height) of the sizes the OpenAI-compatible HTTP API advertises (its `size` parameter, besides `auto`:
 # the model's default); `--warmup-sizes default` warms them up too.
 ADVERTISED_SIZES = ((1024, 1024), (1536, 1024), (1024, 1536))
@@ -51,6 +53,19 @@ class Limits:
     max_response_bytes: int = 512 << 20  # the encoded images of one response, estimated up front
     max_input_bytes: int = 32 << 20  # one input image file
     max_input_pixels: int = 64 << 20  # one decoded input image
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Request defaults a deployment sets for its model (`<model folder>/imagegen.json` or the `--default-*`
+    flags, `imagegen.common.model_defaults`): each set field replaces the family's default. A request's own
+    value, and an adapter's NAME.json, still win."""
+
+    steps: int | None = None
+    guidance_scale: float | None = None
+    width: int | None = None  # replaces the family's size (for edits also the size taken from the input image)
+    height: int | None = None
+    negative_prompt: str | None = None  # used, as the family's is, only when guidance runs CFG
 
 
 @dataclass(frozen=True)
@@ -120,6 +135,12 @@ def check_text(name: str, value: str | None, limits: Limits) -> None:
         raise InvalidArgument(name, "must not contain NUL characters")
 
 
+def check_size(width: int, height: int, limits: Limits, prefix: str = "", multiple: int = 16) -> None:
+    """Width and height: positive multiples of `multiple` (the family's `size_multiple`) up to `max_side`."""
+    for name, value in (("width", width), ("height", height)):
+        check_int(f"{prefix}{name}", value, multiple, limits.max_side, multiple_of=multiple)
+
+
 def check_pixels(field: str, num_images: int, width: int, height: int, limits: Limits) -> None:
     pixels = num_images * width * height
     if pixels > limits.max_request_pixels:
@@ -136,66 +157,83 @@ def resolve_options(
     num_input_images: int = 0,
     limits: Limits = Limits(),
     default_size: tuple[int, int] | None = None,
+    model: ModelDefaults = ModelDefaults(),
 ) -> ResolvedOptions:
-    """Fill family defaults and validate; `default_size` (width, height) comes from the input image for edits."""
+    """Fill the unset options and validate: the one place a request's defaults are chosen (the gateway, the
+    CLI and the embedded pipeline all resolve here). A request's own value wins, then the deployment's
+    `model` defaults (`imagegen.common.model_defaults`), then the family's; `default_size` (width, height) is
+    the family's default for edits, taken from the input image."""
     if options.prompt is None:
         raise InvalidArgument("prompt", "is required")
     check_text("prompt", options.prompt, limits)
-    check_text("negative_prompt", options.negative_prompt, limits)
+    check_text("negative_prompt", options.negative_prompt, limits)  # also one that no CFG will use
     if num_input_images < defaults.min_images or num_input_images > defaults.max_images:
         if defaults.max_images == 0:
             raise InvalidArgument("images", f"{family} generates from text only; got {num_input_images} input images")
         raise InvalidArgument(
             "images", f"{family} takes {defaults.min_images} to {defaults.max_images} images, got {num_input_images}"
         )
+    for name in ("cfg_normalization", "cfg_truncation"):
+        if getattr(options, name) is not None and not defaults.supports_cfg_options:
+            raise InvalidArgument(name, f"applies to z-image only, not {family}")
 
     fallback_w, fallback_h = default_size or (defaults.size, defaults.size)
-    width = options.width if options.width is not None else fallback_w
-    height = options.height if options.height is not None else fallback_h
-    for name, value in (("width", width), ("height", height)):
-        check_int(name, value, defaults.size_multiple, limits.max_side, multiple_of=defaults.size_multiple)
-
-    steps = defaults.steps if options.steps is None else options.steps
-    check_int("steps", steps, defaults.min_steps, limits.max_steps)
-    guidance = defaults.guidance_scale if options.guidance_scale is None else options.guidance_scale
-    check_number("guidance_scale", guidance, 0.0, limits.max_guidance_scale)
-
-    cfg_norm, cfg_trunc = defaults.cfg_normalization, defaults.cfg_truncation
-    for name, value in (("cfg_normalization", options.cfg_normalization), ("cfg_truncation", options.cfg_truncation)):
-        if value is None:
-            continue
-        if not defaults.supports_cfg_options:
-            raise InvalidArgument(name, f"applies to z-image only, not {family}")
-        check_number(name, value, 0.0, 1e6)
-    if options.cfg_normalization is not None:
-        cfg_norm = float(options.cfg_normalization)
-    if options.cfg_truncation is not None:
-        cfg_trunc = float(options.cfg_truncation)
-
-    max_len = defaults.max_sequence_length if options.max_sequence_length is None else options.max_sequence_length
-    check_int("max_sequence_length", max_len, 1, defaults.max_sequence_length_limit)
-    check_int("num_images", options.num_images, 1, limits.max_images_per_request)
-    check_pixels("num_images", options.num_images, width, height, limits)
-
-    seed = secrets.randbelow(MAX_SEED) if options.seed is None else options.seed
-    check_int("seed", seed, 0, MAX_SEED)
-
-    negative = defaults.default_negative_prompt if options.negative_prompt is None else options.negative_prompt
-    if guidance <= defaults.cfg_above:
+    guidance = _first(options.guidance_scale, model.guidance_scale, defaults.guidance_scale)
+    negative = _first(options.negative_prompt, model.negative_prompt, defaults.default_negative_prompt)
+    if isinstance(guidance, int | float) and not isinstance(guidance, bool) and guidance <= defaults.cfg_above:
         negative = None  # the pipelines ignore the negative prompt without guidance
-
-    return ResolvedOptions(
+    resolved = ResolvedOptions(
         family=family,
         prompt=options.prompt,
         negative_prompt=negative,
-        width=width,
-        height=height,
-        steps=steps,
-        guidance_scale=float(guidance),
-        cfg_normalization=cfg_norm,
-        cfg_truncation=cfg_trunc,
-        max_sequence_length=max_len,
-        seed=seed,
+        width=_first(options.width, model.width, fallback_w),
+        height=_first(options.height, model.height, fallback_h),
+        steps=_first(options.steps, model.steps, defaults.steps),
+        guidance_scale=guidance,
+        cfg_normalization=_first(options.cfg_normalization, defaults.cfg_normalization),
+        cfg_truncation=_first(options.cfg_truncation, defaults.cfg_truncation),
+        max_sequence_length=_first(options.max_sequence_length, defaults.max_sequence_length),
+        seed=secrets.randbelow(MAX_SEED) if options.seed is None else options.seed,
         num_images=options.num_images,
         num_input_images=num_input_images,
     )
+    check_bounds(resolved, defaults, limits)
+    return dataclasses.replace(
+        resolved,
+        guidance_scale=float(resolved.guidance_scale),
+        cfg_normalization=float(resolved.cfg_normalization),
+        cfg_truncation=float(resolved.cfg_truncation),
+    )
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)  # None: check_bounds names the field
+
+
+def check_bounds(options: ResolvedOptions, defaults: FamilyDefaults, limits: Limits, prefix: str = "") -> None:
+    """Every bound of a resolved request, written once: `resolve_options` applies it to what it filled in, the
+    stages (`imagegen.common.validation.check_resolved`) to what an internal caller sends. Errors name
+    `prefix + field`."""
+    check_text(f"{prefix}prompt", options.prompt, limits)
+    check_text(f"{prefix}negative_prompt", options.negative_prompt, limits)
+    check_int(f"{prefix}num_input_images", options.num_input_images, defaults.min_images, defaults.max_images)
+    check_size(options.width, options.height, limits, prefix, defaults.size_multiple)
+    check_int(f"{prefix}steps", options.steps, defaults.min_steps, limits.max_steps)
+    check_number(f"{prefix}guidance_scale", options.guidance_scale, 0.0, limits.max_guidance_scale)
+    for name, default in (
+        ("cfg_normalization", defaults.cfg_normalization),
+        ("cfg_truncation", defaults.cfg_truncation),
+    ):
+        value = getattr(options, name)
+        check_number(f"{prefix}{name}", value, 0.0, MAX_CFG_OPTION)
+        if not defaults.supports_cfg_options and value != default:
+            raise InvalidArgument(f"{prefix}{name}", f"applies to z-image only, not {options.family}")
+    check_int(f"{prefix}max_sequence_length", options.max_sequence_length, 1, defaults.max_sequence_length_limit)
+    check_int(f"{prefix}num_images", options.num_images, 1, limits.max_images_per_request)
+    check_pixels(f"{prefix}num_images", options.num_images, options.width, options.height, limits)
+    check_int(f"{prefix}seed", options.seed, 0, MAX_SEED)
+    if options.negative_prompt is not None and options.guidance_scale <= defaults.cfg_above:
+        raise InvalidArgument(
+            f"{prefix}negative_prompt",
+            f"set, but guidance_scale {options.guidance_scale} <= {defaults.cfg_above} runs no CFG (leave it unset)",
+        )

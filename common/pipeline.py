@@ -26,14 +26,23 @@ from imagegen.common.lora.registry import (
     resolve_source,
     with_lora_defaults,
 )
-from imagegen.common.options import Limits, RequestOptions, ResolvedOptions, resolve_options
+from imagegen.common.model_defaults import read_model_defaults
+from imagegen.common.options import Limits, ModelDefaults, RequestOptions, ResolvedOptions, resolve_options
+from imagegen.common.stage_settings import StageSettings
 from imagegen.common.validation import check_lora_fit
 
 
-def resolve_for(family: Family, options: RequestOptions, images: Sequence[PIL.Image.Image], limits: Limits = Limits()):
+def resolve_for(
+    family: Family,
+    options: RequestOptions,
+    images: Sequence[PIL.Image.Image],
+    limits: Limits = Limits(),
+    model: ModelDefaults = ModelDefaults(),
+) -> ResolvedOptions:
+    """`resolve_options` for this family: the edit size from `images`, the deployment's `model` defaults."""
     sizes = [im.size for im in images]
     default = family.default_size(sizes) if sizes else None
-    return resolve_options(family.name, family.defaults, options, len(images), limits, default)
+    return resolve_options(family.name, family.defaults, options, len(images), limits, default, model)
 
 
 class Pipeline:
@@ -42,20 +51,25 @@ class Pipeline:
         model_dir: str | Path | ModelFolder,
         dtype: str | torch.dtype = "float32",
         device: str | torch.device = "cpu",
+        *,
         denoiser=None,
         kernels: str | None = None,
         compile: str | None = None,
         lora_dir: str | Path | None = None,
+        settings: StageSettings | None = None,
     ) -> None:
         """`lora_dir` names adapters (`imagegen.common.lora`); `denoiser` replaces the one-process denoise stage
-        (e.g. rank 0's handle on a parallel group);
-        `kernels` and `compile` pick the denoiser's kernel path (`imagegen.common.kernels`; default by device)."""
+        (e.g. rank 0's handle on a parallel group); `settings` configure the denoise stage (`kernels` and
+        `compile` alone are the common case: the kernel path, default by device, `imagegen.common.kernels`).
+        Requests resolve against the folder's `imagegen.json` defaults (`imagegen.common.model_defaults`)."""
         self.folder = model_dir if isinstance(model_dir, ModelFolder) else open_model_folder(model_dir)
         self.family = get_family(self.folder.family)
+        self.model_defaults = read_model_defaults(self.folder.path)
         dtype, device = parse_dtype(dtype), parse_device(device)
+        settings = settings or StageSettings(kernels=kernels, compile=compile)
         self.text_encoder = self.family.text_encoder(self.folder, dtype, device)
         self.vae = self.family.vae(self.folder, dtype, device)
-        self.denoiser = denoiser or self.family.denoiser(self.folder, dtype, device, kernels=kernels, compile=compile)
+        self.denoiser = denoiser or self.family.denoiser(self.folder, dtype, device, settings)
         self.loras = LoraRegistry(lora_dir)
 
     def lora_set(self, specs: Sequence[tuple[str, float]]) -> tuple[tuple[str, float], ...]:
@@ -80,7 +94,7 @@ class Pipeline:
         return with_lora_defaults(options, defaults)
 
     def resolve(self, options: RequestOptions, images: Sequence[PIL.Image.Image] = ()) -> ResolvedOptions:
-        return resolve_for(self.family, options, images)
+        return resolve_for(self.family, options, images, model=self.model_defaults)
 
     def job(self, resolved: ResolvedOptions, images: Sequence[PIL.Image.Image] = ()) -> DenoiseJob:
         return self.job_condition(self.job_text(resolved, images), images)

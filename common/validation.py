@@ -1,8 +1,8 @@
 """What every stage checks before it works on a request: the gateway on the public API, and the encoder,
 denoiser and VAE on their internal APIs, so a stage reached directly refuses what the gateway would.
 
-* options: `check_resolved` re-applies `resolve_options`' bounds to already-resolved options (family, size,
-  steps, images, pixels per request, guidance, seed);
+* options: `check_resolved` applies `resolve_options`' bounds (`check_bounds`, written once) to already-resolved
+  options (family, size, steps, images, pixels per request, guidance, CFG options, seed);
 * tensors against the loaded model (`ModelInputs`, asked of the family's denoise stage): names, ranks, dtypes,
   finiteness, the embedding width, token counts against the RoPE tables, condition latents against their grids;
 * inputs and outputs: image count and bytes (`check_image_blobs`; decoding limits are in `imagegen.common.images`), and
@@ -16,7 +16,6 @@ Failures raise `InvalidArgument(field)` (INVALID_ARGUMENT with a BadRequest nami
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -27,10 +26,9 @@ from imagegen.common.options import (
     FamilyDefaults,
     Limits,
     ResolvedOptions,
+    check_bounds,
     check_int,
-    check_number,
     check_pixels,
-    check_text,
 )
 
 # Largest encoded size per pixel, by output format: NPY float32 RGB; PNG of incompressible data (RGB plus the
@@ -45,7 +43,7 @@ class ResponseTooLarge(ImagegenError):
 
 
 class ModelInputs(NamedTuple):
-    """What a loaded denoise stage accepts for one job (asked with `stage.input_limits(job)`)."""
+    """What a loaded denoise stage accepts for one job (`imagegen.common.families.inputs.denoiser_inputs`)."""
 
     embedding_dim: int  # the text encoder's hidden width the transformer projects from
     max_text_tokens: int  # most prompt tokens whose RoPE rows exist next to this job's image grids
@@ -54,44 +52,15 @@ class ModelInputs(NamedTuple):
     max_grid_side: int = 0  # most token rows or columns of a grid (the RoPE tables' reach)
 
 
-def limits_from_args(args: argparse.Namespace) -> Limits:
-    """The --max-* flags every service has."""
-    return Limits(
-        max_side=args.max_side,
-        max_steps=args.max_steps,
-        max_images_per_request=args.max_images,
-        max_prompt_chars=args.max_prompt_chars,
-        max_request_pixels=args.max_request_pixels,
-        max_response_bytes=args.max_response_bytes,
-        max_input_bytes=args.max_input_bytes,
-        max_input_pixels=args.max_input_pixels,
-    )
-
-
 # -------------------------------------------------------------------------------------------------- options
 def check_resolved(
     options: ResolvedOptions, family: str, defaults: FamilyDefaults, limits: Limits, prefix: str = "options."
 ) -> None:
-    """Resolved options from an internal caller: every bound `resolve_options` enforces."""
+    """Resolved options from an internal caller: the family, then the bounds `resolve_options` applies
+    (`imagegen.common.options.check_bounds`, one table for both)."""
     if options.family != family:
         raise InvalidArgument(f"{prefix}family", f"this stage hosts {family}, not {options.family!r}")
-    check_text(f"{prefix}prompt", options.prompt, limits)
-    check_text(f"{prefix}negative_prompt", options.negative_prompt, limits)
-    check_size(options.width, options.height, limits, prefix, defaults.size_multiple)
-    check_int(f"{prefix}steps", options.steps, defaults.min_steps, limits.max_steps)
-    check_number(f"{prefix}guidance_scale", options.guidance_scale, 0.0, limits.max_guidance_scale)
-    check_number(f"{prefix}cfg_normalization", options.cfg_normalization, 0.0, 1e6)
-    check_number(f"{prefix}cfg_truncation", options.cfg_truncation, 0.0, 1e6)
-    check_int(f"{prefix}max_sequence_length", options.max_sequence_length, 1, defaults.max_sequence_length_limit)
-    check_int(f"{prefix}num_images", options.num_images, 1, limits.max_images_per_request)
-    check_pixels(f"{prefix}num_images", options.num_images, options.width, options.height, limits)
-    check_int(f"{prefix}num_input_images", options.num_input_images, defaults.min_images, defaults.max_images)
-    check_int(f"{prefix}seed", options.seed, 0, 2**63 - 1)
-
-
-def check_size(width: int, height: int, limits: Limits, prefix: str = "", multiple: int = 16) -> None:
-    for name, value in (("width", width), ("height", height)):
-        check_int(f"{prefix}{name}", value, multiple, limits.max_side, multiple_of=multiple)
+    check_bounds(options, defaults, limits, prefix)
 
 
 def response_bytes(num_images: int, width: int, height: int, fmt: str) -> int:

@@ -5,7 +5,8 @@ shape, as a new prompt length does) and the attention kernel measurement of its 
 
 Each family supplies its warm-up jobs (`Family.warmup_jobs`): a short CFG job whose two prompts have different
 lengths (the text-length dimension compiles dynamic, and both attention layouts are traced) and one without
-CFG. Inductor's caches live under `imagegen.common.kernels.cache_root()`, so a restart on the same machine mostly loads.
+CFG. Inductor's caches live under the `--cache-dir` (`imagegen.common.kernels.configure_compiler`), so a restart
+on the same machine mostly loads.
 """
 
 from __future__ import annotations
@@ -16,9 +17,30 @@ import time
 from imagegen.common.denoise import StepHooks
 from imagegen.common.errors import InvalidArgument
 from imagegen.common.families import Family
-from imagegen.common.options import ADVERTISED_SIZES
+from imagegen.common.options import ADVERTISED_SIZES, ResolvedOptions
 
 log = logging.getLogger(__name__)
+
+
+def warmup_options(
+    family: str, width: int, height: int, negative: str | None, guidance_scale: float, num_input_images: int = 0
+) -> ResolvedOptions:
+    """The options of a family's warm-up job: two steps at `width` x `height` (`negative` None: no CFG)."""
+    return ResolvedOptions(
+        family=family,
+        prompt="warm-up",
+        negative_prompt=negative,
+        width=width,
+        height=height,
+        steps=2,
+        guidance_scale=guidance_scale,
+        cfg_normalization=0.0,
+        cfg_truncation=1.0,
+        max_sequence_length=512,
+        seed=0,
+        num_images=1,
+        num_input_images=num_input_images,
+    )
 
 
 def parse_sizes(text: str | None, family: Family) -> list[tuple[int, int]]:

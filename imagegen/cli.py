@@ -24,20 +24,23 @@ Defaults (each equals the diffusers 0.42.1 pipeline's default for the family):
                         1024x1024 pixels, no negative prompt
   z-image               steps 50, guidance 5.0 (CFG on when > 0, negative prompt "" by default),
                         1024x1024, max sequence length 512, cfg normalization off, cfg truncation 1.0
-  Z-Image-Turbo checkpoints are run with --steps 8 --guidance-scale 0.
   qwen-image-2.1        steps 40 (Turbo: its stored sigma grid, whatever --steps says), guidance
                         (true_cfg_scale) 1.0, so no CFG unless --guidance-scale > 1 and --negative-prompt;
                         1024x1024, width and height multiples of 32; RGBA output
+  A model folder's imagegen.json (e.g. {"steps": 8, "guidance_scale": 0.0} for Z-Image-Turbo) replaces these;
+  published Z-Image-Turbo folders have none: add it, or pass --steps 8 --guidance-scale 0.
 The seed defaults to a random one, printed so that the image can be reproduced.
 """
 
 
 def _add_request_options(parser: argparse.ArgumentParser) -> None:
+    from imagegen.common.families import FAMILIES
+    from imagegen.common.serving.config import add_flag, env_bool, non_negative_int
+    from imagegen.common.stage_settings import COLLECTIVE_TIMEOUT_S, DEFAULT_CACHE_ROOT
+
     parser.add_argument("--model", help="diffusers-format model folder (default: a tiny demo checkpoint)")
     parser.add_argument(
-        "--family",
-        choices=["qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "z-image", "qwen-image-2.1"],
-        help="with no --model: which tiny demo checkpoint to build and use",
+        "--family", choices=list(FAMILIES), help="with no --model: which tiny demo checkpoint to build and use"
     )
     parser.add_argument("--target", help="HOST:PORT of a running gateway; default: run in this process")
     parser.add_argument("--prompt", required=True)
@@ -64,19 +67,41 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cfg-parallel", action="store_true", help="run the CFG branches on separate processes")
     parser.add_argument(
-        "--collective-timeout", type=float, default=300.0, help="seconds before a stuck process group fails"
+        "--collective-timeout",
+        type=float,
+        default=COLLECTIVE_TIMEOUT_S,
+        help="seconds before a stuck process group fails",
     )
-    parser.add_argument(
+    add_flag(
+        parser,
         "--kernels",
+        "IMAGEGEN_KERNELS",
+        None,
+        "denoiser kernels: fast or reference (bitwise equal to diffusers on the same GPU); default fast on cuda, "
+        "reference on cpu",
         choices=["fast", "reference"],
-        help="denoiser kernels: fast (default on cuda) or reference (bitwise equal to diffusers on the same GPU; "
-        "the default on cpu) [env IMAGEGEN_KERNELS]",
     )
-    parser.add_argument(
+    add_flag(
+        parser,
         "--compile",
+        "IMAGEGEN_COMPILE",
+        None,
+        "compile the fast path: auto (default) only when this machine's compiler cache holds the model's graphs "
+        "and the job is long enough to repay it",
         choices=["auto", "on", "off"],
-        help="compile the fast path: auto (default) only when this machine's compiler cache holds the model's "
-        "graphs and the job is long enough to repay it [env IMAGEGEN_COMPILE]",
+    )
+    add_flag(parser, "--cuda-graphs", "IMAGEGEN_CUDA_GRAPHS", "on", "replay forwards as CUDA graphs", type=env_bool)
+    add_flag(
+        parser, "--ring-merge", "IMAGEGEN_RING_MERGE", "ordered", "ring attention merge", choices=["ordered", "lse"]
+    )
+    add_flag(parser, "--cache-dir", "IMAGEGEN_CACHE", DEFAULT_CACHE_ROOT, "compiler caches and tiny demo checkpoints")
+    add_flag(
+        parser,
+        "--torch-threads",
+        "IMAGEGEN_TORCH_THREADS",
+        0,
+        "torch intra-op threads (every process of a group); 0 keeps torch's default",
+        type=non_negative_int,
     )
     parser.add_argument(
         "--lora",
@@ -94,6 +119,8 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from imagegen.common.families import FAMILIES
+
     parser = argparse.ArgumentParser(prog="imagegen", description="Diffusion image generation, exact to diffusers.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -115,12 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_request_options(edit)
 
     tiny = commands.add_parser("make-tiny", help="build a tiny random-weight checkpoint of the real classes")
+    tiny.add_argument("--family", required=True, choices=list(FAMILIES))
     tiny.add_argument(
-        "--family",
-        required=True,
-        choices=["qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "z-image", "qwen-image-2.1"],
+        "--variant",
+        help="z-image: turbo (with imagegen.json: 8 steps, guidance 0); qwen-image-2.1: turbo (its sigma grid); "
+        "qwen-image-edit-plus: 2511",
     )
-    tiny.add_argument("--variant", help="z-image, qwen-image-2.1: turbo; qwen-image-edit-plus: 2511")
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)
 
@@ -258,19 +285,30 @@ def _run_local(args: argparse.Namespace, options, images):
         launched_by_torchrun,
     )
     from imagegen.common.parallel.spec import GroupSpec
+    from imagegen.common.serving.hosting import pin_torch_threads
 
-    configure_compiler()  # start-up, before any stage runs
-    spec = GroupSpec.from_flags(args, model, args.dtype, args.device)  # every rank of a group gets all of it
+    configure_compiler(args.cache_dir)  # start-up, before any stage runs
+    pin_torch_threads(args.torch_threads)
+    settings = _stage_settings(args)
+    spec = GroupSpec.from_flags(args, model, args.dtype, args.device, settings)  # every rank gets all of it
     if is_torchrun_follower():  # under torchrun, rank 0 runs the pipeline and writes the output
         follow_as_rank(spec)
         return None
     if args.sp > 1 or args.cfg_parallel or launched_by_torchrun():
         with group_denoiser(spec) as group:
-            return _run_pipeline(model, options, images, args, denoiser=group)
-    return _run_pipeline(model, options, images, args)
+            return _run_pipeline(model, options, images, args, settings, denoiser=group)
+    return _run_pipeline(model, options, images, args, settings)
 
 
-def _run_pipeline(model: str, options, images, args: argparse.Namespace, denoiser=None):
+def _stage_settings(args: argparse.Namespace):
+    from imagegen.common.stage_settings import StageSettings
+
+    return StageSettings(
+        kernels=args.kernels, compile=args.compile, cuda_graphs=args.cuda_graphs, cache_root=args.cache_dir
+    )
+
+
+def _run_pipeline(model: str, options, images, args: argparse.Namespace, settings, denoiser=None):
     import torch
 
     from imagegen.common.denoise import StepHooks
@@ -283,9 +321,8 @@ def _run_pipeline(model: str, options, images, args: argparse.Namespace, denoise
         dtype=args.dtype,
         device=args.device,
         denoiser=denoiser,
-        kernels=args.kernels,
-        compile=args.compile,
         lora_dir=args.lora_dir,
+        settings=settings,
     )
     loras = [parse_lora(value, i) for i, value in enumerate(args.lora)]
     resolved = pipeline.resolve(pipeline.with_lora_defaults(options, loras), images)
@@ -299,7 +336,7 @@ def _demo_checkpoint(args: argparse.Namespace) -> Path:
     from imagegen.common.tiny import tiny_checkpoint_cached
 
     family = args.family or ("qwen-image-edit" if args.command == "edit" else "qwen-image")
-    return tiny_checkpoint_cached(family)
+    return tiny_checkpoint_cached(family, cache_dir=str(Path(args.cache_dir) / "tiny"))
 
 
 class _progress:

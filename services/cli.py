@@ -19,7 +19,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from imagegen.common.kernels import configure_compiler
     from imagegen.common.serving.config import bind_host
-    from imagegen.common.serving.hosting import pin_torch_threads
+    from imagegen.common.serving.hosting import HostedModel, pin_torch_threads
     from imagegen.common.serving.logs import configure_logging
     from imagegen.common.serving.server import serve as run_servers
     from imagegen.common.serving.tls import TlsConfig
@@ -27,14 +27,16 @@ def serve(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_level, args.service)
     pin_torch_threads(args.torch_threads)  # process-wide settings: once, before any stage (thread) starts
-    configure_compiler()
+    configure_compiler(args.cache_dir)
     if args.service == "denoiser":
         from imagegen.common.parallel.launch import is_torchrun_follower
 
         if is_torchrun_follower():  # rank 0 of the torchrun group serves; the others follow it
-            from imagegen.services.denoiser import follow
+            from imagegen.services.denoiser_config import DenoiserConfig
+            from imagegen.services.denoiser_engine import follow
 
-            return follow(args)
+            model = HostedModel.from_args(args)
+            return follow(DenoiserConfig.from_flags(args, model))  # the same GroupSpec rank 0 builds
     args.host = bind_host(args.host, public=args.service in ("gateway", "all"))
     tls = TlsConfig.from_args(args.tls_cert, args.tls_key, args.tls_ca)
     servers = run_servers(endpoints(args, tls), args.drain_timeout, args.host, args.metrics_port, args.health_port)

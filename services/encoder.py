@@ -15,12 +15,12 @@ from imagegen.common.cache import EmbeddingKey, LruBytes, RedisStore, image_dige
 from imagegen.common.families.inputs import decode_inputs
 from imagegen.common.options import check_int, check_text
 from imagegen.common.serving import metrics
-from imagegen.common.serving.config import redis_password
+from imagegen.common.serving.config import limits_from_args, redis_password
 from imagegen.common.serving.embeddings import TENSOR_NAME, EmbeddingCache
 from imagegen.common.serving.handlers import in_executor, require_ready, rpc
-from imagegen.common.serving.hosting import HostedModel, compute_thread
+from imagegen.common.serving.hosting import ComputeThread, HostedModel
 from imagegen.common.serving.server import Service
-from imagegen.common.validation import check_image_blobs, limits_from_args
+from imagegen.common.validation import check_image_blobs
 from imagegen.common.wire import pack
 from imagegen.v1 import encoder_pb2, encoder_pb2_grpc
 
@@ -32,7 +32,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         self.args = args
         self.model = model
         self.limits = limits_from_args(args)
-        self.executor = compute_thread("encoder")
+        self.executor = ComputeThread("encoder")
         self.stage = None
         self.cache: EmbeddingCache | None = None
 

@@ -10,10 +10,12 @@ from imagegen.common.serving.config import (
     add_flag,
     add_model_flags,
     add_switch,
+    env_bool,
     non_negative_float,
     non_negative_int,
     positive_int,
 )
+from imagegen.common.stage_settings import COLLECTIVE_TIMEOUT_S, DEFAULT_LORA_CACHE_MB
 
 # Batching defaults, measured (docs/benchmarks.md, one H200): on the fast path one request already keeps the card
 # compute-bound at 512^2 and up, so batches of 8 were 2-7% slower than one at a time; batching stays opt-in.
@@ -33,7 +35,8 @@ HELP = {
 
 
 def gateway_flags(parser: argparse.ArgumentParser, http_port: int = 0) -> None:
-    for stage, port in (("encoder", 50052), ("denoiser", 50053), ("vae", 50054)):
+    for stage in ("encoder", "denoiser", "vae"):
+        port = PORTS[stage][0]
         add_flag(
             parser, f"--{stage}", f"IMAGEGEN_{stage.upper()}_ADDR", f"127.0.0.1:{port}", f"{stage} of the default model"
         )
@@ -74,7 +77,7 @@ def denoiser_flags(parser: argparse.ArgumentParser) -> None:
         parser,
         "--collective-timeout",
         "IMAGEGEN_COLLECTIVE_TIMEOUT",
-        300.0,
+        COLLECTIVE_TIMEOUT_S,
         "seconds before a stuck rank fails the denoiser group",
         type=float,
     )
@@ -138,10 +141,41 @@ def denoiser_flags(parser: argparse.ArgumentParser) -> None:
         parser,
         "--lora-cache-mb",
         "IMAGEGEN_LORA_CACHE_MB",
-        4096,
+        DEFAULT_LORA_CACHE_MB,
         "loaded adapters kept on the device, least recently used dropped first (MiB)",
         type=positive_int,
     )
+    add_flag(
+        parser,
+        "--cuda-graphs",
+        "IMAGEGEN_CUDA_GRAPHS",
+        "on",
+        "replay the fast path's forwards as CUDA graphs (on or off)",
+        type=env_bool,
+    )
+    add_flag(
+        parser,
+        "--ring-merge",
+        "IMAGEGEN_RING_MERGE",
+        "ordered",
+        "ring attention: ordered (one process's bits) or lse (overlaps the exchange; float rounding)",
+        choices=["ordered", "lse"],
+    )
+    add_default_flags(parser)
+
+
+def add_default_flags(parser: argparse.ArgumentParser) -> None:
+    """The model's request defaults (over `<model>/imagegen.json`; a request's own value wins)."""
+    defaults = (
+        ("--default-steps", "IMAGEGEN_DEFAULT_STEPS", "steps", positive_int),
+        ("--default-guidance-scale", "IMAGEGEN_DEFAULT_GUIDANCE_SCALE", "guidance scale", float),
+        ("--default-width", "IMAGEGEN_DEFAULT_WIDTH", "width (with --default-height)", positive_int),
+        ("--default-height", "IMAGEGEN_DEFAULT_HEIGHT", "height (with --default-width)", positive_int),
+        ("--default-negative-prompt", "IMAGEGEN_DEFAULT_NEGATIVE_PROMPT", "negative prompt (used with CFG)", str),
+    )
+    for flag, env, what, kind in defaults:
+        help = f"{what} of a request that sets none; unset: imagegen.json beside the model, else the family's"
+        add_flag(parser, flag, env, None, help, type=kind)
 
 
 def vae_flags(parser: argparse.ArgumentParser) -> None:

@@ -7,14 +7,14 @@ import argparse
 import grpc
 
 from imagegen.common.serving.auth import ApiKeys
+from imagegen.common.serving.config import limits_from_args
 from imagegen.common.serving.gateway import Gateway
 from imagegen.common.serving.handlers import rpc
 from imagegen.common.serving.retry import Deadline, RetryPolicy
-from imagegen.common.serving.routes import RouteTable, parse_routes
+from imagegen.common.serving.routes import Route, RouteTable, parse_routes
 from imagegen.common.serving.server import Service
 from imagegen.common.serving.status import RpcFailure
 from imagegen.common.serving.tls import TlsConfig
-from imagegen.common.validation import limits_from_args
 from imagegen.v1 import image_service_pb2, image_service_pb2_grpc
 
 SERVICE = "imagegen.v1.ImageService"
@@ -77,18 +77,32 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         for route in self.gateway.routes.routes:
             if route.family is None:
                 continue  # not reachable yet
-            defaults = route.family.defaults
-            models.append(
-                image_service_pb2.ModelSummary(
-                    model_id=route.name,
-                    family=route.family.name,
-                    takes_images=route.family.takes_images,
-                    default_steps=defaults.steps,
-                    default_guidance_scale=defaults.guidance_scale,
-                    loras=route.infos["denoiser"].loras if "denoiser" in route.infos else [],
-                )
-            )
+            models.append(_summary(route))
         return image_service_pb2.ListModelsResponse(models=models, default_model=self.gateway.routes.default_name())
+
+
+def _summary(route: Route) -> image_service_pb2.ModelSummary:
+    """What a request that sets nothing gets from this model: the deployment's defaults over the family's."""
+    family, model = route.family, route.model_defaults
+    size = family.defaults.size or 0  # 0: from the input image
+    summary = image_service_pb2.ModelSummary(
+        model_id=route.name,
+        family=family.name,
+        takes_images=family.takes_images,
+        default_steps=_first(model.steps, family.defaults.steps),
+        default_guidance_scale=_first(model.guidance_scale, family.defaults.guidance_scale),
+        loras=route.infos["denoiser"].loras if "denoiser" in route.infos else [],
+        default_width=_first(model.width, size),
+        default_height=_first(model.height, size),
+    )
+    negative = _first(model.negative_prompt, family.defaults.default_negative_prompt)
+    if negative is not None:
+        summary.default_negative_prompt = negative
+    return summary
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
 
 
 def make_service(args: argparse.Namespace, tls: TlsConfig) -> Service:

@@ -272,6 +272,11 @@ def _model(summary: image_service_pb2.ModelSummary, default: str) -> dict:
         "takes_images": summary.takes_images,
         "default_steps": summary.default_steps,
         "default_guidance_scale": summary.default_guidance_scale,
+        "default_width": summary.default_width or None,  # None: from the input image
+        "default_height": summary.default_height or None,
+        "default_negative_prompt": (
+            summary.default_negative_prompt if summary.HasField("default_negative_prompt") else None
+        ),
         "default": summary.model_id == default,
     }
 

@@ -11,20 +11,21 @@ import argparse
 import time
 from collections.abc import Callable
 
+from imagegen_client.outputs import encode_array
+
 from imagegen.common.families.inputs import decode_inputs, latent_shape
 from imagegen.common.images import to_float_array
-from imagegen.common.outputs import encode_array
+from imagegen.common.options import check_size
 from imagegen.common.serving import metrics
+from imagegen.common.serving.config import limits_from_args
 from imagegen.common.serving.convert import format_name, grids_to_proto
 from imagegen.common.serving.handlers import Caller, in_executor, require_ready, rpc
-from imagegen.common.serving.hosting import HostedModel, compute_thread
+from imagegen.common.serving.hosting import ComputeThread, HostedModel
 from imagegen.common.serving.server import Service
 from imagegen.common.validation import (
     check_image_blobs,
     check_latents,
     check_response_size,
-    check_size,
-    limits_from_args,
 )
 from imagegen.common.wire import LATENTS, pack, unpack
 from imagegen.v1 import common_pb2, denoiser_pb2, vae_pb2, vae_pb2_grpc
@@ -37,7 +38,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         self.model = model
         self.limits = limits_from_args(args)
         self.default_timeout = args.default_timeout
-        self.executor = compute_thread("vae")
+        self.executor = ComputeThread("vae")
         self.stage = None
 
     async def prepare(self) -> None:
@@ -76,7 +77,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         require_ready(self.stage is not None, "vae")
         fmt = format_name(request.output_format)
         width, height = request.width, request.height
-        check_size(width, height, self.limits)
+        check_size(width, height, self.limits, multiple=self.model.family.defaults.size_multiple)
         caller = Caller(context, self.default_timeout)
         latents = await in_executor(self.executor, unpack, request.latents, LATENTS, "latents", unwanted=caller.gone)
         per_image = latent_shape(self.model.family, self.stage, width, height)

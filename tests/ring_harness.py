@@ -52,13 +52,14 @@ def forked_group(
     timeout_s: float = 120.0,
     env: dict[str, str] | None = None,
     patch: str | None = None,
+    ring_merge: str = "ordered",
 ):
     """Rank 0's `GroupDenoiser` of a P x C group whose other ranks are forked; `env` is set on every rank and
-    `patch` (a name in `PATCHES`) applied on every rank."""
+    `patch` (a name in `PATCHES`) applied on every rank; `ring_merge` is the spec's (every rank's)."""
     world = sp * (2 if cfg_parallel else 1)
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
     shared = {**rendezvous, **(env or {})}
-    spec = GroupSpec(model, sp, cfg_parallel, ulysses, timeout_s=timeout_s)
+    spec = GroupSpec(model, sp, cfg_parallel, ulysses, timeout_s=timeout_s, ring_merge=ring_merge)
     ctx = forkserver()
     ranks = [
         ctx.Process(target=_follower, args=(r, shared, spec, threads, patch), daemon=True) for r in range(1, world)

@@ -175,14 +175,19 @@ def test_batch_on_a_group(family: str, sp: int, cfg_parallel: bool) -> None:
 
 # --------------------------------------------------------------------------------------------- the job queue
 class Recorder:
-    """A `Batching.run` that records each batch's payloads and runs every member for `steps` steps."""
+    """The queue's `run`: records each batch's payloads and runs every member for `steps` steps; a payload
+    named in `hold` waits for its event first."""
 
-    def __init__(self, steps: int = 2, step_seconds: float = 0.0) -> None:
+    def __init__(self, steps: int = 2, step_seconds: float = 0.0, hold: dict[str, threading.Event] | None = None):
         self.batches: list[list[str]] = []
         self.steps, self.step_seconds = steps, step_seconds
+        self.hold = hold or {}
 
     def __call__(self, payloads: list[str], hooks: list[StepHooks]) -> list:
         self.batches.append(list(payloads))
+        for payload in payloads:
+            if payload in self.hold:
+                self.hold[payload].wait(10)
         results: list = [None] * len(payloads)
         for step in range(self.steps):
             for i, h in enumerate(hooks):
@@ -195,18 +200,6 @@ class Recorder:
         return [r if r is not None else f"{p}:done" for p, r in zip(payloads, results, strict=True)]
 
 
-def _blocker(release: threading.Event):
-    def work(hooks: StepHooks) -> str:
-        release.wait(10)
-        return "blocker"
-
-    return work
-
-
-def _alone(name: str):
-    return lambda hooks: f"{name}:alone"
-
-
 async def _final(ticket) -> object:
     async for event in ticket.events():
         if event.final:
@@ -216,24 +209,23 @@ async def _final(ticket) -> object:
 
 def test_queue_batches_fifo_without_starving() -> None:
     """Batches start at the oldest job and take compatible later ones in order, up to max_size; an
-    incompatible job keeps its turn (B, older than D, runs before D); key None never batches."""
+    incompatible job keeps its turn (B, older than D, runs before D); key None never batches; a job alone is
+    a batch of one, through the same `run`."""
 
     async def scenario() -> None:
-        recorder = Recorder()
-        queue = JobQueue(16, "batch-fifo", batching=Batching(2, 0.0, recorder))
         release = threading.Event()
-        blocker = queue.submit(_blocker(release))
+        recorder = Recorder(hold={"blocker": release})
+        queue = JobQueue(16, recorder, "batch-fifo", Batching(2, 0.0))
+        blocker = queue.submit("blocker")
         tickets = {
-            name: queue.submit(_alone(name), payload=name, key=key)
+            name: queue.submit(name, key=key)
             for name, key in [("A", 1), ("B", 2), ("C", 1), ("D", 1), ("E", 2), ("F", None)]
         }
         release.set()
-        assert (await _final(blocker)).result == "blocker"
+        assert (await _final(blocker)).result == "blocker:done"
         finals = {name: await _final(t) for name, t in tickets.items()}
-        assert recorder.batches == [["A", "C"], ["B", "E"]]
-        assert {n: e.result for n, e in finals.items()} == {
-            "A": "A:done", "B": "B:done", "C": "C:done", "D": "D:alone", "E": "E:done", "F": "F:alone"
-        }  # fmt: skip
+        assert recorder.batches == [["blocker"], ["A", "C"], ["B", "E"], ["D"], ["F"]]
+        assert {n: e.result for n, e in finals.items()} == {n: f"{n}:done" for n in "ABCDEF"}
         assert queue.close(5)
 
     asyncio.run(scenario())
@@ -245,12 +237,12 @@ def test_queue_waits_at_most_batch_wait() -> None:
 
     async def scenario() -> None:
         recorder = Recorder()
-        queue = JobQueue(16, "batch-wait", batching=Batching(4, 0.4, recorder))
+        queue = JobQueue(16, recorder, "batch-wait", Batching(4, 0.4))
         waits_before = _histogram_count("imagegen_denoise_batch_wait_seconds")
         start = time.monotonic()
-        first = queue.submit(_alone("A"), payload="A", key=1)
+        first = queue.submit("A", key=1)
         await asyncio.sleep(0.1)
-        second = queue.submit(_alone("B"), payload="B", key=1)
+        second = queue.submit("B", key=1)
         assert (await _final(first)).result == "A:done" and (await _final(second)).result == "B:done"
         elapsed = time.monotonic() - start
         assert recorder.batches == [["A", "B"]]
@@ -259,10 +251,10 @@ def test_queue_waits_at_most_batch_wait() -> None:
         assert queue.close(5)
 
         immediate = Recorder()
-        queue = JobQueue(16, "batch-no-wait", batching=Batching(4, 0.0, immediate))
+        queue = JobQueue(16, immediate, "batch-no-wait", Batching(4, 0.0))
         start = time.monotonic()
-        assert (await _final(queue.submit(_alone("C"), payload="C", key=1))).result == "C:alone"
-        assert time.monotonic() - start < 0.3 and immediate.batches == []
+        assert (await _final(queue.submit("C", key=1))).result == "C:done"
+        assert time.monotonic() - start < 0.3 and immediate.batches == [["C"]]
         assert queue.close(5)
 
     asyncio.run(scenario())
@@ -273,11 +265,11 @@ def test_queue_member_cancelled_mid_batch_stops_alone() -> None:
     progress; a member cancelled before the batch started never runs."""
 
     async def scenario() -> None:
-        recorder = Recorder(steps=20, step_seconds=0.02)
-        queue = JobQueue(16, "batch-cancel", batching=Batching(4, 0.0, recorder))
         release = threading.Event()
-        blocker = queue.submit(_blocker(release))
-        a, b, c = (queue.submit(_alone(n), payload=n, key=1) for n in "ABC")
+        recorder = Recorder(steps=20, step_seconds=0.02, hold={"blocker": release})
+        queue = JobQueue(16, recorder, "batch-cancel", Batching(4, 0.0))
+        blocker = queue.submit("blocker")
+        a, b, c = (queue.submit(n, key=1) for n in "ABC")
         release.set()
         await _final(blocker)
         async for event in b.events():
@@ -287,7 +279,7 @@ def test_queue_member_cancelled_mid_batch_stops_alone() -> None:
         final_a, final_b, final_c = await _final(a), await _final(b), await _final(c)
         assert final_a.result == "A:done" and final_c.result == "C:done"
         assert isinstance(final_b.error, Cancelled)
-        assert recorder.batches == [["A", "B", "C"]]
+        assert recorder.batches == [["blocker"], ["A", "B", "C"]]
         assert queue.close(5)
 
     asyncio.run(scenario())
@@ -337,13 +329,16 @@ def test_gpu_benchmark_smoke() -> None:
 def test_batching_flags_and_defaults(monkeypatch) -> None:
     """`--max-batch` wins; unset it is 1 on the CPU and CUDA_MAX_BATCH on CUDA; the env sets both flags; a
     negative or non-finite wait is refused."""
-    from imagegen.services.denoiser import max_batch
+    from imagegen.services.denoiser_config import default_max_batch
     from imagegen.services.flags import CUDA_MAX_BATCH, denoiser_flags
 
     def parse(*argv: str):
         parser = argparse.ArgumentParser()
         denoiser_flags(parser)
         return parser.parse_args(list(argv))
+
+    def max_batch(args, device: str) -> int:  # as `DenoiserConfig.from_flags` chooses it
+        return args.max_batch or default_max_batch(device)
 
     monkeypatch.delenv("IMAGEGEN_MAX_BATCH", raising=False)
     monkeypatch.delenv("IMAGEGEN_BATCH_WAIT_MS", raising=False)
@@ -374,6 +369,7 @@ def test_service_caller_leaving_mid_batch() -> None:
     from imagegen.common.serving.hosting import HostedModel
     from imagegen.common.wire import LATENTS, unpack
     from imagegen.services.denoiser import DenoiserServicer
+    from imagegen.services.denoiser_config import DenoiserConfig
     from imagegen.v1 import denoiser_pb2_grpc
 
     workload = WORKLOADS["qwen-image-512"]
@@ -384,11 +380,12 @@ def test_service_caller_leaving_mid_batch() -> None:
         call.progress = True
     args = service_args(folder, workload, 3, 2000.0, True, "off")
     model = HostedModel(folder, get_family("qwen-image"), "tiny", torch.float32, "cpu")
+    config = DenoiserConfig.from_flags(args, model)
     cancelled_before = REGISTRY.get_sample_value("imagegen_denoise_jobs_total", {"outcome": "cancelled"}) or 0.0
     batches_before = _histogram_count("imagegen_denoise_batch_size")
 
     async def scenario() -> list:
-        servicer = DenoiserServicer(args, model, engine=denoiser)
+        servicer = DenoiserServicer(config, model, stage=denoiser)
         await servicer.prepare()
         server = grpc.aio.server()
         denoiser_pb2_grpc.add_DenoiserServiceServicer_to_server(servicer, server)

@@ -10,7 +10,7 @@ import torch
 
 from imagegen.common.checkpoint import open_model_folder, parse_dtype
 from imagegen.common.errors import ModelLoadError
-from imagegen.common.families import qwen_image
+from imagegen.common.families.qwen_image import pipeline as qwen_pipeline
 from imagegen.common.tiny import tiny_checkpoint_cached
 
 
@@ -86,7 +86,7 @@ def test_revision_changes_with_contents(qwen_copy) -> None:
 def test_vision_rotary_stays_float32_in_bf16() -> None:
     """Loading the VL encoder in bf16 must not quantise its rotary frequencies (accuracy.md 3.2)."""
     folder = open_model_folder(tiny_checkpoint_cached("qwen-image-edit"))
-    encoder = qwen_image.QwenTextEncoder(folder, torch.bfloat16, "cpu")
+    encoder = qwen_pipeline.QwenTextEncoder(folder, torch.bfloat16, "cpu")
     rotaries = [m for m in encoder.model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
     assert any("Vision" in type(m).__name__ for m in rotaries)
     assert all(m.inv_freq.dtype == torch.float32 for m in rotaries)

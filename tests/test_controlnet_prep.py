@@ -23,8 +23,9 @@ from imagegen.common.families.controlnet_dit import (
     z_image_forward_with_hints,
     z_image_stage,
 )
-from imagegen.common.families.qwen_image import QwenDiT, qwen_rotary
-from imagegen.common.families.z_image import ImageSlots, ZImageDiT, padded_length
+from imagegen.common.families.qwen_image.dit import QwenDiT, qwen_rotary
+from imagegen.common.families.z_image import padded_length
+from imagegen.common.families.z_image.dit import ImageSlots, ZImageDiT
 from imagegen.common.latents import patchify, unpatchify
 from imagegen.common.sharding import SequencePlan
 from imagegen.common.tiny_controlnet import build_tiny_controlnet, build_tiny_controlnet_model

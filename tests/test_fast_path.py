@@ -23,10 +23,12 @@ from torch._dynamo.utils import counters
 from imagegen.common import kernels
 from imagegen.common.denoise import StepHooks
 from imagegen.common.errors import InvalidArgument
-from imagegen.common.families import get_family, qwen_image
-from imagegen.common.families.qwen_image import QwenFastDiT
+from imagegen.common.families import get_family
+from imagegen.common.families.qwen_image import pipeline as qwen_pipeline
+from imagegen.common.families.qwen_image.dit_fast import QwenFastDiT
 from imagegen.common.pipeline import Pipeline
 from imagegen.common.rope import Rotary
+from imagegen.common.stage_settings import StageSettings
 from imagegen.common.tiny import tiny_checkpoint_cached
 from imagegen.common.warmup import parse_sizes, warm_up
 from tests.parity import CASES, TOLERANCE, assert_parity, compare_runs, reference_run, run_ours
@@ -55,7 +57,7 @@ def test_fast_path_traps(monkeypatch) -> None:
     case = CASES["qwen-image-cfg"]
     path, pipeline = fast_pipeline(case.name)
     with monkeypatch.context() as patch:
-        patch.setattr(qwen_image, "qwen_true_cfg", lambda pos, neg, scale: neg + scale * (pos - neg))
+        patch.setattr(qwen_pipeline, "qwen_true_cfg", lambda pos, neg, scale: neg + scale * (pos - neg))
         assert max(compare_runs(run_ours(path, case, pipeline), reference_run(case.name)).values()) > 100 * TOLERANCE
 
     def bf16_tables(freqs: torch.Tensor) -> Rotary:
@@ -94,12 +96,11 @@ def test_compiled_blocks_trace_whole_and_once(name: str, monkeypatch) -> None:
 
 
 def test_kernel_and_compile_choices(monkeypatch) -> None:
-    monkeypatch.delenv(kernels.KERNELS_ENV, raising=False)
+    monkeypatch.setenv("IMAGEGEN_KERNELS", "reference")  # read by the flag layer only, never here
     assert kernels.resolve_kernels(None, "cpu") == "reference"
     assert kernels.resolve_kernels(None, torch.device("cuda")) == "fast"
     assert kernels.resolve_kernels("fast", "cpu") == "fast"
-    monkeypatch.setenv(kernels.KERNELS_ENV, "reference")
-    assert kernels.resolve_kernels(None, torch.device("cuda")) == "reference"
+    assert kernels.resolve_kernels("reference", torch.device("cuda")) == "reference"
     with pytest.raises(InvalidArgument) as error:
         kernels.resolve_kernels("quick", "cpu")
     assert error.value.field == "kernels"
@@ -108,10 +109,9 @@ def test_kernel_and_compile_choices(monkeypatch) -> None:
     assert error.value.field == "compile"
 
 
-def test_compile_only_where_it_pays_back(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("IMAGEGEN_CACHE", str(tmp_path))
+def test_compile_only_where_it_pays_back(tmp_path) -> None:
     transformer = Pipeline(tiny_checkpoint_cached("z-image", "turbo")).denoiser.dit.transformer
-    marker = kernels.CompileMarker(transformer)
+    marker = kernels.CompileMarker(transformer, tmp_path)
     cuda = torch.device("cuda")
     assert not kernels.should_compile("auto", 100, marker, cuda), "a cold cache never pays back in one run"
     marker.write()
@@ -171,7 +171,7 @@ def test_warm_up_compiles_once_for_every_size(name: str, monkeypatch) -> None:
     counters.clear()
     folder = Pipeline(tiny_checkpoint_cached(name)).folder
     family = get_family(name)
-    stage = family.denoiser(folder, torch.float32, "cpu", kernels="fast", compile="on")
+    stage = family.denoiser(folder, torch.float32, "cpu", StageSettings(kernels="fast", compile="on"))
     engine = CountingEngine(stage)
     config = folder.config("transformer")
     warm_up(engine, family, config, [(32, 32)], max_batch=2)

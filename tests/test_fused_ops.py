@@ -18,7 +18,8 @@ from torch._dynamo.utils import counters
 from bench import fast_variants_gpu as variants
 from imagegen.common import fp8, fused_ops
 from imagegen.common.checkpoint import open_model_folder
-from imagegen.common.families import qwen_image, z_image
+from imagegen.common.families.qwen_image import dit_fast as qwen_fast
+from imagegen.common.families.z_image import dit_fast as z_fast
 from imagegen.common.kernels import batch_dynamic, mark_dynamic
 from imagegen.common.tiny import tiny_checkpoint_cached
 
@@ -31,13 +32,13 @@ def load(family: str, variant: str | None) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def qwen() -> qwen_image.QwenFastDiT:
-    return qwen_image.QwenFastDiT(load("qwen-image", None))
+def qwen() -> qwen_fast.QwenFastDiT:
+    return qwen_fast.QwenFastDiT(load("qwen-image", None))
 
 
 @pytest.fixture(scope="module")
-def zimg() -> z_image.ZImageFastDiT:
-    return z_image.ZImageFastDiT(load("z-image", "turbo"))
+def zimg() -> z_fast.ZImageFastDiT:
+    return z_fast.ZImageFastDiT(load("z-image", "turbo"))
 
 
 def qwen_args(block, text_len: int, seed: int = 0) -> tuple[tuple, tuple]:
@@ -68,7 +69,7 @@ FUSED = variants.Recipe(pre_norm="triton", qk="triton", post_norm="triton")
 def test_qwen_variant_stages_equal_todays(qwen, recipe) -> None:
     block = qwen.transformer.transformer_blocks[0]
     pre_args, mods2 = qwen_args(block, 7)
-    today = run_qwen((qwen_image._block_pre, qwen_image._block_post), block, pre_args, mods2)
+    today = run_qwen((qwen_fast._block_pre, qwen_fast._block_post), block, pre_args, mods2)
     fused = run_qwen(variants.qwen_stages(recipe), block, pre_args, mods2)
     for a, b in zip(fused, today, strict=True):
         torch.testing.assert_close(a, b, **TOL)
@@ -78,7 +79,7 @@ def test_qwen_fused_ops_trap(qwen, monkeypatch) -> None:
     """The comparison above fails when the fused maths is wrong (sine sign of the rotation flipped)."""
     block = qwen.transformer.transformer_blocks[0]
     pre_args, mods2 = qwen_args(block, 7)
-    today = run_qwen((qwen_image._block_pre, qwen_image._block_post), block, pre_args, mods2)
+    today = run_qwen((qwen_fast._block_pre, qwen_fast._block_post), block, pre_args, mods2)
     real = fused_ops._heads_reference
     monkeypatch.setattr(fused_ops, "_heads_reference", lambda qkv, h, wq, wk, c, s, e: real(qkv, h, wq, wk, c, -s, e))
     fused = run_qwen(variants.qwen_stages(FUSED), block, pre_args, mods2)
@@ -97,7 +98,7 @@ def test_z_image_variant_stages_equal_todays(zimg, recipe) -> None:
     layer = zimg.transformer.layers[0]
     args = z_args(layer)
     outs = []
-    for pre, post in ((z_image._layer_pre, z_image._layer_post), variants.z_stages(recipe)):
+    for pre, post in ((z_fast._layer_pre, z_fast._layer_post), variants.z_stages(recipe)):
         q, k, v, *mods = pre(layer, *args)
         outs.append((q, k, v, *mods, post(layer, args[0], (q + k + v) / 3, *mods)))
     for a, b in zip(*outs, strict=True):
@@ -190,7 +191,7 @@ def test_variant_stages_trace_whole_and_once(monkeypatch) -> None:
     monkeypatch.setenv("IMAGEGEN_COMPILE_BACKEND", "eager")
     torch._dynamo.reset()
     counters.clear()
-    dit = qwen_image.QwenFastDiT(load("qwen-image", None))
+    dit = qwen_fast.QwenFastDiT(load("qwen-image", None))
     fp8.quantize(dit.transformer, "sglang")
     recipe = variants.Recipe(pre_norm="triton", qk="triton", post_norm="triton", fp8=True, fp8_norm=True)
     stages = variants.BlockStages(*variants.qwen_stages(recipe))(True)

@@ -292,6 +292,26 @@ def test_ulysses_degree_reaches_every_rank_and_counts_no_gpus(helm, tmp_path):
     assert serve[serve.index("--sp") :] == ["--sp", "8", "--ulysses", "2"]
 
 
+def test_model_defaults_reach_the_denoiser_as_flags(helm, tmp_path):
+    """models[].defaults become the denoiser's --default-* flags (a guidance of 0 included); none: no flags."""
+    values = (
+        "models:\n  - {id: t, family: z-image, path: Z-Image-Turbo, device: cpu,"
+        " defaults: {steps: 8, guidanceScale: 0, width: 768, height: 512, negativePrompt: 'low quality'}}\n"
+        "  - {id: q, family: qwen-image, path: Qwen-Image, device: cpu}\n"
+    )
+    pods = denoiser_pods_by_model(render(helm, _write(tmp_path, values)))
+    turbo, plain = (main_container(pods[m][0][1])["args"] for m in ("t", "q"))
+    flags = {turbo[i]: turbo[i + 1] for i, arg in enumerate(turbo) if arg.startswith("--default-")}
+    assert flags == {
+        "--default-steps": "8",
+        "--default-guidance-scale": "0",
+        "--default-width": "768",
+        "--default-height": "512",
+        "--default-negative-prompt": "low quality",
+    }
+    assert not [arg for arg in plain if arg.startswith("--default-")]
+
+
 def test_batching_settings_reach_the_denoiser(helm, tmp_path):
     """maxBatch 0 (the default) leaves the denoiser's own default; a model's denoiser block overrides both."""
     values = (
@@ -696,6 +716,8 @@ def _write(tmp_path: pathlib.Path, text: str) -> pathlib.Path:
         ("models:\n  - id: m\n    family: flux\n    path: M\n", "family"),
         ("redis:\n  mode: sentinel\n", "mode"),
         ("stageDefaults:\n  denoiser:\n    maxBatch: -1\n", "maxBatch"),
+        ("models:\n  - {id: m, family: z-image, path: M, defaults: {step: 8}}\n", "step"),
+        ("models:\n  - {id: m, family: z-image, path: M, defaults: {width: 512}}\n", "height"),
     ],
     ids=[
         "typo-gateway",
@@ -706,6 +728,8 @@ def _write(tmp_path: pathlib.Path, text: str) -> pathlib.Path:
         "bad-family",
         "bad-redis-mode",
         "negative-max-batch",
+        "typo-default",
+        "width-without-height",
     ],
 )
 def test_schema_rejects_bad_values(helm, tmp_path, values, message):

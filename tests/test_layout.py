@@ -38,10 +38,11 @@ def _modules() -> dict[str, Path]:
 
 def import_graph(sources: dict[str, tuple[str, bool]]) -> dict[str, set[str]]:
     """{module: (source, is_package)} -> {module: the modules of `sources` it imports}, at any depth of the AST
-    (function-level imports included: they close a cycle as soon as the function runs)."""
+    (function-level imports included: they close a cycle as soon as the function runs; `if TYPE_CHECKING:`
+    blocks left out: they never run)."""
     graph: dict[str, set[str]] = {name: set() for name in sources}
     for name, (source, is_package) in sources.items():
-        for node in ast.walk(ast.parse(source)):
+        for node in _runtime_nodes(ast.parse(source)):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -56,6 +57,19 @@ def import_graph(sources: dict[str, tuple[str, bool]]) -> dict[str, set[str]]:
                 continue
             graph[name] |= {target for target in targets if target in sources}
     return graph
+
+
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node of `tree` except those inside an `if TYPE_CHECKING:` block."""
+    nodes, pending = [], [tree]
+    while pending:
+        node = pending.pop()
+        nodes.append(node)
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            pending.extend(node.orelse)
+            continue
+        pending.extend(ast.iter_child_nodes(node))
+    return nodes
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -31,6 +31,7 @@ from imagegen.common.parallel.layout import LayoutError
 from imagegen.common.parallel.runner import GroupDenoiser, follow_leader
 from imagegen.common.parallel.spec import GroupSpec
 from imagegen.common.pipeline import Pipeline
+from imagegen.common.stage_settings import StageSettings
 from imagegen.common.tiny import tiny_checkpoint_cached
 from tests.parity import CASES as PARITY_CASES
 from tests.parity import LAYOUT_CASES, THREADS, Case, Run, max_diff, run_job, run_ours
@@ -204,13 +205,13 @@ def test_group_spec_carries_every_layout_flag_to_the_ranks(command: str) -> None
     from imagegen.cli import build_parser
 
     flags = ["--sp", "4", "--ulysses", "1", "--cfg-parallel", "--collective-timeout", "7", "--kernels", "fast"]
-    flags += ["--compile", "off"]
+    flags += ["--compile", "off", "--torch-threads", "3", "--ring-merge", "lse"]
     if command == "generate":
         args = build_parser().parse_args(["generate", "--prompt", "x", "--output", "o.png", *flags])
     else:
-        args = build_parser().parse_args(["serve", "denoiser", *flags, "--torch-threads", "3"])
-    spec = GroupSpec.from_flags(args, "/models/m", "torch.bfloat16", "cuda")
-    threads = 3 if command == "serve" else 0
-    expected = GroupSpec("/models/m", 4, True, 1, "bfloat16", "cuda", 7.0, threads, "fast", "off")
+        args = build_parser().parse_args(["serve", "denoiser", *flags])
+    stage = StageSettings(kernels="fast", compile="off", cuda_graphs=False, lora_cache_bytes=1 << 20)
+    spec = GroupSpec.from_flags(args, "/models/m", "torch.bfloat16", "cuda", stage)
+    expected = GroupSpec("/models/m", 4, True, 1, "bfloat16", "cuda", 7.0, 3, stage, "lse")
     assert spec == expected
     assert GroupSpec.from_json(spec.to_json()) == spec

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from imagegen.common.families import qwen_image, z_image
+from imagegen.common.families.qwen_image import pipeline as qwen_pipeline
+from imagegen.common.families.z_image import dit as z_dit
 from imagegen.common.pipeline import Pipeline
 from imagegen.common.rope import Rotary
 from imagegen.common.tiny import tiny_checkpoint_cached
@@ -59,7 +61,7 @@ def assert_parity_breaks(ours, ref) -> float:
 
 
 def test_trap_cfg_without_norm_rescale(monkeypatch) -> None:
-    monkeypatch.setattr(qwen_image, "qwen_true_cfg", lambda pos, neg, scale: neg + scale * (pos - neg))
+    monkeypatch.setattr(qwen_pipeline, "qwen_true_cfg", lambda pos, neg, scale: neg + scale * (pos - neg))
     case = CASES["qwen-image-cfg"]
     assert_parity_breaks(run_ours(checkpoint(case), case), reference(case.name))
 
@@ -74,7 +76,7 @@ def test_trap_edit_negative_branch_without_image() -> None:
     def encode(prompt: str, images, max_sequence_length: int) -> torch.Tensor:
         if prompt != case.options.negative_prompt:
             return original_encode(prompt, images, max_sequence_length)
-        text = qwen_image._template(encoder.variant.system, prompt)
+        text = qwen_image.template(encoder.variant.system, prompt)
         tokens = encoder.tokenizer.tokenizer([text], return_tensors="pt")
         hidden = encoder.model.model(**tokens, output_hidden_states=True).hidden_states[-1][0]
         return hidden[encoder.variant.drop_tokens :]
@@ -99,6 +101,6 @@ def test_trap_negative_rope_from_positive_caption_length(monkeypatch) -> None:
     positive_padded = z_image.padded_length(positive.shape[0])
     negative = pipeline.text_encoder.encode(case.options.negative_prompt, [], 512)
     assert z_image.padded_length(negative.shape[0]) != positive_padded, "the case needs captions of other lengths"
-    original = z_image.image_ids
-    monkeypatch.setattr(z_image, "image_ids", lambda rows, cols, _padded: original(rows, cols, positive_padded))
+    original = z_dit.image_ids
+    monkeypatch.setattr(z_dit, "image_ids", lambda rows, cols, _padded: original(rows, cols, positive_padded))
     assert_parity_breaks(run_ours(checkpoint(case), case, pipeline), reference(case.name))

@@ -117,9 +117,9 @@ def test_ulysses_ring_equals_single_process(entry) -> None:
 
 
 def test_log_sum_exp_merge_matches_to_float_rounding() -> None:
-    """The streaming merge (IMAGEGEN_RING_MERGE=lse) differs from one process only by fp32 rounding: one process's
+    """The streaming merge (--ring-merge lse) differs from one process only by fp32 rounding: one process's
     own rounding moves these tiny models' images by ~1e-6 from an exact float64 attention, so the bound is 1e-5."""
-    results = run_in_group(6, 4, None, False, ["qwen-image-cfg"], env={"IMAGEGEN_RING_MERGE": "lse"})
+    results = run_in_group(6, 4, None, False, ["qwen-image-cfg"], ring_merge="lse")
     image_diff, worst_cosine, _ = results["qwen-image-cfg"]
     print(f"lse merge: image {image_diff:.3g} cosine {worst_cosine:.9f}")
     assert 0 < image_diff <= 1e-5  # not 0: the merge really ran (the ordered one gives one process's bits)

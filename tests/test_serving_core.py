@@ -12,12 +12,13 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from imagegen_client.outputs import decode_output, encode_array, to_uint8
+from imagegen_client.transport import client_options
 from prometheus_client import REGISTRY
 
 from imagegen.common.cache import EmbeddingKey, LruBytes, RedisStore
 from imagegen.common.denoise import StepHooks
 from imagegen.common.errors import Cancelled, InvalidArgument
-from imagegen.common.outputs import decode_output, encode_array, to_uint8
 from imagegen.common.serving import metrics
 from imagegen.common.serving.auth import ApiKeys
 from imagegen.common.serving.channels import call_with_retries
@@ -38,7 +39,6 @@ from imagegen.common.serving.status import (
     with_reason,
 )
 from imagegen.common.serving.tls import TlsConfig
-from imagegen.common.serving.transport import client_options
 from imagegen.common.wire import pack, unpack
 from imagegen.v1 import common_pb2, denoiser_pb2_grpc, encoder_pb2, encoder_pb2_grpc, vae_pb2_grpc
 from tests.service_harness import RedisServer, free_port
@@ -175,6 +175,11 @@ def test_denoiser_side_reports_missing_embeddings(redis):
 
 
 # ------------------------------------------------------------------------------------------------ job queue
+def _call_each(works: list, hooks: list[StepHooks]) -> list:
+    """The queue's `run` for payloads that are functions of their hooks (jobs run one at a time here)."""
+    return [work(h) for work, h in zip(works, hooks, strict=True)]
+
+
 def _steps(count: int, step_seconds: float, ran: list):
     def work(hooks: StepHooks) -> str:
         for step in range(count):
@@ -203,7 +208,7 @@ def _jobs_total(outcome: str) -> float:
 
 def test_job_queue_positions_capacity_cancel_and_deadline():
     async def scenario():
-        queue = JobQueue(capacity=1, name="test-jobs")
+        queue = JobQueue(capacity=1, run=_call_each, name="test-jobs")
         long_ran: list = []
         running = queue.submit(_steps(1000, 0.01, long_ran))
         await _collect(running, until="step")
@@ -451,29 +456,22 @@ def test_deadline_raises_deadline_exceeded_once_past():
 
 
 def test_denoiser_group_with_a_ulysses_degree_that_does_not_divide_the_heads_fails_at_start_up():
+    from imagegen.cli import build_parser
     from imagegen.common.parallel.layout import LayoutError
     from imagegen.common.serving.hosting import HostedModel
     from imagegen.common.tiny import tiny_checkpoint_cached
-    from imagegen.services.denoiser import make_engine
+    from imagegen.services.denoiser_config import DenoiserConfig
+    from imagegen.services.denoiser_engine import make_engine
 
-    args = argparse.Namespace(
-        model=str(tiny_checkpoint_cached("z-image")),
-        model_id=None,
-        device="cpu",
-        dtype=None,
-        sp=6,
-        ulysses=3,
-        cfg_parallel=False,
-        collective_timeout=30.0,
-        torch_threads=1,
-        kernels=None,
-        compile=None,
-    )
+    model = str(tiny_checkpoint_cached("z-image"))
+    argv = ["serve", "denoiser", "--model", model, "--sp", "6", "--ulysses", "3", "--collective-timeout", "30"]
+    args = build_parser().parse_args([*argv, "--torch-threads", "1"])
+    hosted = HostedModel.from_args(args)
     with pytest.raises(
         LayoutError,
         match="--ulysses 3 does not fit --sp 6 on a model with 4 attention heads .*: --ulysses 2, --ulysses 1",
     ):
-        make_engine(args, HostedModel.from_args(args))
+        make_engine(DenoiserConfig.from_flags(args, hosted), hosted)
 
 
 class _Describer(

@@ -23,7 +23,7 @@ from imagegen.common.errors import InvalidArgument
 from imagegen.common.families import get_family
 from imagegen.common.families.inputs import check_edit_images, decode_inputs
 from imagegen.common.images import decode_image
-from imagegen.common.options import Limits, RequestOptions
+from imagegen.common.options import MAX_SEED, Limits, ModelDefaults, RequestOptions
 from imagegen.common.pipeline import resolve_for
 from imagegen.common.serving.auth import ApiKeys
 from imagegen.common.serving.health import Health
@@ -148,6 +148,39 @@ def test_internal_options_are_checked_against_the_same_limits(overrides, field):
     assert _field(lambda: check_resolved(_resolved(**overrides), family.name, family.defaults, Limits())) == field
 
 
+def test_internal_options_obey_the_cfg_rules_of_resolve_options():
+    """The rules `check_resolved` once skipped: CFG options only where the family has them, a negative prompt
+    only where guidance runs CFG, and the seed bound `resolve_options` uses."""
+    qwen = get_family("qwen-image")
+    resolved = resolve_for(qwen, RequestOptions("a fox", steps=2, seed=1, width=64, height=32), [])
+    check_resolved(resolved, qwen.name, qwen.defaults, Limits())
+    for name in ("cfg_normalization", "cfg_truncation"):
+        assert _field(lambda n=name: resolve_for(qwen, RequestOptions("a fox", **{n: 0.5}), [])) == name
+        bad = dataclasses.replace(resolved, **{name: 0.5})
+        assert _field(lambda b=bad: check_resolved(b, qwen.name, qwen.defaults, Limits())) == f"options.{name}"
+    z = get_family("z-image")
+    unguided = _resolved(guidance_scale=0.0, negative_prompt="blurry")  # resolve_options drops it there
+    request = RequestOptions("a fox", guidance_scale=0.0, negative_prompt="blurry")
+    assert resolve_for(z, request, []).negative_prompt is None
+    assert _field(lambda: check_resolved(unguided, z.name, z.defaults, Limits())) == "options.negative_prompt"
+    check_resolved(_resolved(seed=MAX_SEED), z.name, z.defaults, Limits())
+    assert _field(lambda: check_resolved(_resolved(seed=MAX_SEED + 1), z.name, z.defaults, Limits())) == "options.seed"
+
+
+def test_model_defaults_fill_what_the_request_leaves_unset():
+    """A deployment's defaults replace the family's; the request's own values still win."""
+    z = get_family("z-image")
+    turbo = ModelDefaults(steps=8, guidance_scale=0.0, width=512, height=256, negative_prompt="x")
+    plain = resolve_for(z, RequestOptions("a fox"), [])
+    assert (plain.steps, plain.guidance_scale, plain.width, plain.negative_prompt) == (50, 5.0, 1024, "")
+    resolved = resolve_for(z, RequestOptions("a fox"), [], model=turbo)
+    assert (resolved.steps, resolved.guidance_scale, resolved.width, resolved.height) == (8, 0.0, 512, 256)
+    assert resolved.negative_prompt is None  # guidance 0 runs no CFG
+    own = resolve_for(z, RequestOptions("a fox", steps=3, guidance_scale=2.0, width=64), [], model=turbo)
+    assert (own.steps, own.guidance_scale, own.width, own.negative_prompt) == (3, 2.0, 64, "x")
+    assert _field(lambda: resolve_for(z, RequestOptions("a fox"), [], model=ModelDefaults(steps=10**6))) == "steps"
+
+
 def test_response_size_is_bounded_up_front():
     assert response_bytes(8, 4096, 4096, "NPY") > 1.6e9  # the issue's 8 x 4096^2 NPY response
     with pytest.raises(ResponseTooLarge):
@@ -246,7 +279,11 @@ def test_idle_callback_and_finish_run_on_the_queue_thread_and_a_closed_loop_does
         ticket = queue.submit(job)
         return [event async for event in ticket.events()][-1]
 
-    queue = JobQueue(2, "test", idle=(0.05, idle), finish=lambda: threads["finish"].add(threading.get_ident()))
+    def run(jobs: list, hooks: list[StepHooks]) -> list:
+        return [job(h) for job, h in zip(jobs, hooks, strict=True)]
+
+    finish = lambda: threads["finish"].add(threading.get_ident())  # noqa: E731
+    queue = JobQueue(2, run, "test", idle=(0.05, idle), finish=finish)
     assert idled.wait(5), "no idle callback while idle"
     assert asyncio.run(submit(queue)).result == "done"
     # A job whose event loop has closed (the RPC's loop at shutdown) posts into nothing; the worker lives on.

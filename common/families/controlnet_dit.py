@@ -29,8 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from imagegen.common.attention import AttentionBackend, AttentionLayout
-from imagegen.common.families.qwen_image import QwenDiT, QwenJointAttnProcessor, qwen_rotary
-from imagegen.common.families.z_image import PATCH_KEY, ImageSlots, ZImageAttnProcessor, ZImageBranch, ZImageDiT
+from imagegen.common.families.qwen_image.dit import QwenDiT, QwenJointAttnProcessor, qwen_rotary
+from imagegen.common.families.z_image import PATCH_KEY
+from imagegen.common.families.z_image.dit import ImageSlots, ZImageAttnProcessor, ZImageBranch, ZImageDiT
 from imagegen.common.rope import Rotary
 
 

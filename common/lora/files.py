@@ -19,6 +19,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from imagegen.common.families import get_family
+
 PREFIX = "transformer."  # diffusers loads only these keys for these pipelines (`_lora_loadable_modules`)
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 
@@ -69,9 +71,9 @@ class Adapter:
 
 def _loader(family: str):
     """The diffusers mixin whose `lora_state_dict` converts community formats for `family`."""
-    from diffusers.loaders.lora_pipeline import QwenImageLoraLoaderMixin, ZImageLoraLoaderMixin
+    from diffusers.loaders import lora_pipeline
 
-    return ZImageLoraLoaderMixin if family == "z-image" else QwenImageLoraLoaderMixin
+    return getattr(lora_pipeline, get_family(family).lora_loader)
 
 
 def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:

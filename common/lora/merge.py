@@ -45,10 +45,6 @@ class AdapterSlot:
                 raise
             self.key = key
 
-    def restore(self) -> None:
-        with self._lock:
-            self._restore()
-
     @torch.no_grad()
     def _restore(self) -> None:
         for module, (weight, bias) in self._saved.items():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import threading
 from collections import OrderedDict
@@ -25,12 +24,11 @@ import torch
 
 from imagegen.common.errors import InvalidArgument
 from imagegen.common.lora.files import Adapter, AdapterError, check_fits, read_adapter
+from imagegen.common.stage_settings import DEFAULT_LORA_CACHE_MB
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_LORAS = 8  # adapters in one request
 MAX_SCALE = 16.0  # |scale|; diffusers takes any float, a larger one is a typo, not a style
-CACHE_ENV = "IMAGEGEN_LORA_CACHE_MB"
-DEFAULT_CACHE_MB = 4096
 DEFAULT_KEYS = {"steps": int, "guidance_scale": float, "scheduler_shift": float}
 REQUEST_DEFAULT_KEYS = ("steps", "guidance_scale")  # the RequestOptions fields NAME.json may default
 
@@ -146,19 +144,15 @@ def resolve_source(spec: str, registry: LoraRegistry | None, field: str) -> Path
     raise InvalidArgument(field, f"{spec!r} is neither an adapter of --lora-dir nor a .safetensors file")
 
 
-def cache_bytes_from_env() -> int:
-    return int(float(os.environ.get(CACHE_ENV, DEFAULT_CACHE_MB)) * (1 << 20))
-
-
 class AdapterCache:
     """Adapters loaded for one transformer, on its device, least recently used dropped first once the total
     passes `max_bytes`. Keyed by file and its (mtime, size): a replaced file is read again. Thread-safe (the
     denoiser loads while validating requests, next to the running job)."""
 
-    def __init__(self, transformer: torch.nn.Module, family: str, max_bytes: int | None = None) -> None:
+    def __init__(self, transformer: torch.nn.Module, family: str, max_bytes: int = DEFAULT_LORA_CACHE_MB << 20) -> None:
         self.transformer = transformer
         self.family = family
-        self.max_bytes = cache_bytes_from_env() if max_bytes is None else max_bytes
+        self.max_bytes = max_bytes  # `--lora-cache-mb` (StageSettings.lora_cache_bytes)
         self._entries: OrderedDict[tuple, Adapter] = OrderedDict()
         self._lock = threading.Lock()
         self.loads = 0

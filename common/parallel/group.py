@@ -19,8 +19,9 @@ import torch.distributed as dist
 
 from imagegen.common.errors import ImagegenError
 from imagegen.common.parallel.layout import SequenceParallelLayout
+from imagegen.common.stage_settings import COLLECTIVE_TIMEOUT_S
 
-DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_TIMEOUT_S = COLLECTIVE_TIMEOUT_S
 
 
 class GroupError(ImagegenError):
@@ -41,6 +42,7 @@ class ParallelGroup:
     ulysses_group: dist.ProcessGroup | None = None  # None when U = 1 (no all-to-all)
     ring_ranks: list[int] = field(default_factory=list)  # global ranks of this rank's ring, in ring order
     ring_group: dist.ProcessGroup | None = None  # None when R = 1 (no ring)
+    ring_merge: str = "ordered"  # how ring attention merges its blocks (`GroupSpec.ring_merge`)
 
     @property
     def sp_rank(self) -> int:
@@ -69,6 +71,7 @@ class ParallelGroup:
         device: str | torch.device,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         layout: SequenceParallelLayout | None = None,
+        ring_merge: str = "ordered",
     ) -> ParallelGroup:
         """Join the group described by torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
         `layout` is U x R with U * R = sp; the default is Ulysses only (U = sp)."""
@@ -108,6 +111,7 @@ class ParallelGroup:
             ulysses_group=ulysses_group,
             ring_ranks=ring_ranks,
             ring_group=ring_group,
+            ring_merge=ring_merge,
         )
 
     def broadcast_bytes(self, payload: bytes | None) -> bytes:

@@ -136,13 +136,11 @@ def join_group(spec: GroupSpec) -> tuple[ParallelGroup, object]:
     this rank's denoise stage, both as `spec` says."""
     layout = spec.layout()
     device = parse_device(spec.device)
-    group = ParallelGroup.from_environment(spec.sp, spec.cfg_parallel, device, spec.timeout_s, layout)
+    group = ParallelGroup.from_environment(spec.sp, spec.cfg_parallel, device, spec.timeout_s, layout, spec.ring_merge)
     fields = {"rank": group.rank, "world_size": group.world_size, "layout": str(layout)}
     log.info("joined the denoiser group", extra={**fields, "cfg_parallel": spec.cfg_parallel})
     folder = open_model_folder(spec.model)
-    stage = get_family(folder.family).denoiser(
-        folder, parse_dtype(spec.dtype), group.device, kernels=spec.kernels, compile=spec.compile
-    )
+    stage = get_family(folder.family).denoiser(folder, parse_dtype(spec.dtype), group.device, spec.stage)
     return group, stage
 
 

@@ -9,7 +9,7 @@ from imagegen.common.attention import LOCAL_ATTENTION, AttentionBackend
 from imagegen.common.parallel.group import ParallelGroup
 from imagegen.common.parallel.ring import RingShift
 from imagegen.common.parallel.ulysses import UlyssesAttention
-from imagegen.common.parallel.usp import UlyssesRingAttention, ring_merge_from_environment
+from imagegen.common.parallel.usp import UlyssesRingAttention
 from imagegen.common.sharding import SequencePlan
 
 
@@ -18,7 +18,7 @@ class GroupSharding:
         self.group = group
         self.sp_size = group.sp
         self.sp_rank = group.sp_rank
-        self.ring_merge = ring_merge_from_environment()  # read once: every rank of a group inherits the same
+        self.ring_merge = group.ring_merge  # every rank's from the one GroupSpec
 
     def plan(self, segments: tuple[int, ...]) -> SequencePlan:
         return SequencePlan(segments, self.group.sp, self.group.sp_rank)

@@ -16,6 +16,8 @@ from pathlib import Path
 from imagegen.common.checkpoint import open_model_folder
 from imagegen.common.parallel.group import DEFAULT_TIMEOUT_S
 from imagegen.common.parallel.layout import SequenceParallelLayout, choose_layout
+from imagegen.common.parallel.usp import MERGES
+from imagegen.common.stage_settings import StageSettings
 
 
 @dataclass(frozen=True)
@@ -28,17 +30,21 @@ class GroupSpec:
     device: str = "cpu"  # the device type; each rank takes its own index (LOCAL_RANK)
     timeout_s: float = DEFAULT_TIMEOUT_S  # every collective's, so a dead or hung rank fails the group
     threads: int = 0  # torch intra-op threads of spawned ranks (0: torch's default)
-    kernels: str | None = None  # the denoise stage's kernel path and compile mode (None: its own default)
-    compile: str | None = None
+    stage: StageSettings = StageSettings()  # how each rank's denoise stage runs (kernels, compile, graphs, ...)
+    ring_merge: str = "ordered"  # how ring attention merges its blocks (`imagegen.common.parallel.usp`)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", str(self.model))  # a Path is accepted, and stays JSON-able
+        if self.ring_merge not in MERGES:
+            raise ValueError(f"ring merge {self.ring_merge!r}: expected one of {', '.join(MERGES)}")
 
     @classmethod
-    def from_flags(cls, args: argparse.Namespace, model: str | Path, dtype: str, device: str) -> GroupSpec:
-        """The spec of the `--sp/--ulysses/--cfg-parallel/--collective-timeout/--kernels/--compile` flags
-        (`imagegen generate` and `serve denoiser` both have them), for the model, dtype and device the caller
-        has already resolved."""
+    def from_flags(
+        cls, args: argparse.Namespace, model: str | Path, dtype: str, device: str, stage: StageSettings
+    ) -> GroupSpec:
+        """The spec of the `--sp/--ulysses/--cfg-parallel/--collective-timeout/--torch-threads/--ring-merge`
+        flags (`imagegen generate` and `serve denoiser` both have them), for the model, dtype, device and stage
+        settings the caller has already resolved."""
         return cls(
             model=str(model),
             sp=args.sp,
@@ -47,9 +53,9 @@ class GroupSpec:
             dtype=str(dtype).removeprefix("torch."),
             device=str(device),
             timeout_s=args.collective_timeout,
-            threads=getattr(args, "torch_threads", 0) or 0,
-            kernels=args.kernels,
-            compile=args.compile,
+            threads=args.torch_threads,
+            stage=stage,
+            ring_merge=args.ring_merge,
         )
 
     @property
@@ -69,7 +75,8 @@ class GroupSpec:
 
     @classmethod
     def from_json(cls, text: str) -> GroupSpec:
-        return cls(**json.loads(text))
+        values = json.loads(text)
+        return cls(**{**values, "stage": StageSettings.from_dict(values["stage"])})
 
 
 def transformer_heads(model: str | Path) -> int:

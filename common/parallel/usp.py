@@ -24,8 +24,6 @@ Per attention call on sequence-parallel rank s (Ulysses rank u, ring rank r), wi
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 
@@ -35,15 +33,7 @@ from imagegen.common.parallel.ring import Partial, RingShift, merge_partials, pa
 from imagegen.common.parallel.ulysses import gather_heads, scatter_heads
 from imagegen.common.sharding import SequencePlan
 
-MERGE_ENV = "IMAGEGEN_RING_MERGE"
-MERGES = ("ordered", "lse")
-
-
-def ring_merge_from_environment() -> str:
-    merge = os.environ.get(MERGE_ENV) or "ordered"
-    if merge not in MERGES:
-        raise ValueError(f"{MERGE_ENV}={merge!r}: expected one of {', '.join(MERGES)}")
-    return merge
+MERGES = ("ordered", "lse")  # `--ring-merge` (GroupSpec.ring_merge)
 
 
 class UlyssesRingAttention:

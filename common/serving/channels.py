@@ -11,11 +11,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from imagegen_client.transport import DEFAULT_MESSAGE_LIMIT, client_options
 
 from imagegen.common.serving import metrics
 from imagegen.common.serving.retry import RetryBudget
 from imagegen.common.serving.tls import TlsConfig
-from imagegen.common.serving.transport import DEFAULT_MESSAGE_LIMIT, client_options
 
 T = TypeVar("T")
 

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 from imagegen.common.errors import ImagegenError
+from imagegen.common.options import Limits
+from imagegen.common.stage_settings import DEFAULT_CACHE_ROOT
 
 
 class ConfigError(ImagegenError):
@@ -155,6 +157,13 @@ def add_common_flags(parser: argparse.ArgumentParser, port: int, metrics_port: i
     add_limit_flags(parser)
     add_flag(
         parser,
+        "--cache-dir",
+        "IMAGEGEN_CACHE",
+        DEFAULT_CACHE_ROOT,
+        "compiler caches and compile markers (inductor's under CACHE/inductor unless TORCHINDUCTOR_CACHE_DIR is set)",
+    )
+    add_flag(
+        parser,
         "--torch-threads",
         "IMAGEGEN_TORCH_THREADS",
         0,
@@ -163,21 +172,38 @@ def add_common_flags(parser: argparse.ArgumentParser, port: int, metrics_port: i
     )
 
 
+# (flag, env, Limits field, help): each default is the `Limits` field's, written once there.
+LIMIT_FLAGS = (
+    ("--max-side", "IMAGEGEN_MAX_SIDE", "max_side", "largest width or height"),
+    ("--max-steps", "IMAGEGEN_MAX_STEPS", "max_steps", "most denoising steps"),
+    ("--max-images", "IMAGEGEN_MAX_IMAGES", "max_images_per_request", "most input and output images per request"),
+    ("--max-request-pixels", "IMAGEGEN_MAX_REQUEST_PIXELS", "max_request_pixels", "most num_images x width x height"),
+    ("--max-response-bytes", "IMAGEGEN_MAX_RESPONSE_BYTES", "max_response_bytes", "largest response (estimated)"),
+    ("--max-prompt-chars", "IMAGEGEN_MAX_PROMPT_CHARS", "max_prompt_chars", "longest prompt or negative prompt"),
+    ("--max-input-bytes", "IMAGEGEN_MAX_INPUT_BYTES", "max_input_bytes", "largest input image file"),
+    ("--max-input-pixels", "IMAGEGEN_MAX_INPUT_PIXELS", "max_input_pixels", "most pixels of a decoded input image"),
+)
+MAX_MESSAGE_BYTES = 512 << 20
+
+
 def add_limit_flags(parser: argparse.ArgumentParser) -> None:
     """Request limits: the gateway checks public requests against them, the stages their internal ones."""
-    limits = (
-        ("--max-side", "IMAGEGEN_MAX_SIDE", 4096, "largest width or height"),
-        ("--max-steps", "IMAGEGEN_MAX_STEPS", 200, "most denoising steps"),
-        ("--max-images", "IMAGEGEN_MAX_IMAGES", 8, "most input images, and most output images, per request"),
-        ("--max-request-pixels", "IMAGEGEN_MAX_REQUEST_PIXELS", 64 << 20, "most num_images x width x height"),
-        ("--max-response-bytes", "IMAGEGEN_MAX_RESPONSE_BYTES", 512 << 20, "largest response (estimated up front)"),
-        ("--max-prompt-chars", "IMAGEGEN_MAX_PROMPT_CHARS", 8192, "longest prompt or negative prompt"),
-        ("--max-input-bytes", "IMAGEGEN_MAX_INPUT_BYTES", 32 << 20, "largest input image file"),
-        ("--max-input-pixels", "IMAGEGEN_MAX_INPUT_PIXELS", 64 << 20, "most pixels of a decoded input image"),
-        ("--max-message-bytes", "IMAGEGEN_MAX_MESSAGE_BYTES", 512 << 20, "largest internal gRPC message"),
+    defaults = Limits()
+    for flag, env, field, help in LIMIT_FLAGS:
+        add_flag(parser, flag, env, getattr(defaults, field), help, type=positive_int)
+    add_flag(
+        parser,
+        "--max-message-bytes",
+        "IMAGEGEN_MAX_MESSAGE_BYTES",
+        MAX_MESSAGE_BYTES,
+        "largest internal gRPC message",
+        type=positive_int,
     )
-    for flag, env, default, help in limits:
-        add_flag(parser, flag, env, default, help, type=positive_int)
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    """The --max-* flags every service has."""
+    return Limits(**{field: getattr(args, flag[2:].replace("-", "_")) for flag, _, field, _ in LIMIT_FLAGS})
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from imagegen.common.errors import InvalidArgument
-from imagegen.common.options import RequestOptions, ResolvedOptions
+from imagegen.common.options import ModelDefaults, RequestOptions, ResolvedOptions
 from imagegen.v1 import common_pb2, denoiser_pb2
 
 # Optional public request fields that map one to one onto RequestOptions (unset: the family's default).
@@ -39,10 +39,6 @@ def format_name(value: int, field: str = "output_format") -> str:
     except ValueError:
         known = ", ".join(n for n in common_pb2.OutputFormat.keys() if n != "OUTPUT_FORMAT_UNSPECIFIED")
         raise InvalidArgument(field, f"unknown output format {value} (use one of {known})") from None
-
-
-def format_value(name: str) -> int:
-    return common_pb2.OutputFormat.Value(_PREFIX + name.upper())
 
 
 def resolved_to_proto(resolved: ResolvedOptions) -> denoiser_pb2.ResolvedOptions:
@@ -119,3 +115,16 @@ def lora_defaults(info: common_pb2.LoraInfo):
         steps=info.steps if info.HasField("steps") else None,
         guidance_scale=info.guidance_scale if info.HasField("guidance_scale") else None,
     )
+
+
+_DEFAULT_FIELDS = ("steps", "guidance_scale", "width", "height", "negative_prompt")
+
+
+def model_defaults_to_proto(defaults: ModelDefaults) -> common_pb2.ModelDefaults:
+    """The deployment's defaults (`imagegen.common.model_defaults`): only the fields it sets."""
+    values = {k: getattr(defaults, k) for k in _DEFAULT_FIELDS}
+    return common_pb2.ModelDefaults(**{k: v for k, v in values.items() if v is not None})
+
+
+def model_defaults_from_proto(message: common_pb2.ModelDefaults) -> ModelDefaults:
+    return ModelDefaults(**{k: getattr(message, k) for k in _DEFAULT_FIELDS if message.HasField(k)})

@@ -71,7 +71,7 @@ class Gateway:
             request_options(request), [lora_defaults(served[name]) for name, _ in loras if name in served]
         )
         pil_images = await asyncio.to_thread(decode_inputs, images, family, self.limits) if images else []
-        resolved = resolve_for(family, options, pil_images, self.limits)
+        resolved = resolve_for(family, options, pil_images, self.limits, route.model_defaults)
         check_response_size(resolved.num_images, resolved.width, resolved.height, fmt, self.limits)
         return Job(current_request_id(), route, resolved, images, request.output_format, loras)
 

@@ -101,7 +101,3 @@ class ComputeThread(ThreadPoolExecutor):
     def _done(self, _future) -> None:
         with self._lock:
             self._waiting -= 1
-
-
-def compute_thread(name: str, backlog: int = COMPUTE_BACKLOG) -> ComputeThread:
-    return ComputeThread(name, backlog)

@@ -1,11 +1,12 @@
-"""A bounded FIFO of jobs run on a worker thread (the denoiser's queue), one at a time or in batches.
+"""A bounded FIFO of jobs run on a worker thread (the denoiser's queue), in batches (a job alone is a batch of one).
 
-The asyncio side submits work and reads events (queue position, each step, result); the worker thread runs the
-work with `StepHooks` whose `should_stop` turns true when the RPC is cancelled or its deadline passes, so the
-loop stops before its next step and the worker takes the next job.
+The asyncio side submits a job's payload and reads events (queue position, each step, result); the worker thread
+runs batches of payloads through the queue's one `run(payloads, hooks)`, each member with `StepHooks` whose
+`should_stop` turns true when its RPC is cancelled or its deadline passes, so the loop stops it before its next
+step.
 
-With `Batching`, the worker takes the oldest job and, from the rest of the queue in order, up to
-`max_size - 1` later jobs with the same batch key, waiting at most `wait_s` for more to arrive (never longer; 0
+The worker takes the oldest job and, from the rest of the queue in order, up to `Batching.max_size - 1` later
+jobs with the same batch key, waiting at most `wait_s` for more to arrive (never longer; 0
 takes only what is queued). Each member keeps its own hooks (progress, cancellation, deadline). No job starves:
 every batch starts with the oldest waiting job, so a job that is incompatible with the batches before it is
 the head of a batch once the jobs older than it have started (compatible later jobs only ever join a batch
@@ -34,18 +35,17 @@ from imagegen.common.serving import metrics
 from imagegen.common.serving.handlers import QueueFull
 from imagegen.common.serving.status import RpcFailure
 
-Work = Callable[[StepHooks], Any]
 # (the members' payloads, their hooks) -> one result or exception per member, in order.
 BatchWork = Callable[[list[Any], list[StepHooks]], list[Any]]
 
 
 @dataclass(frozen=True)
 class Batching:
-    """How the worker forms batches: at most `max_size` jobs, at most `wait_s` waited for them, run by `run`."""
+    """How the worker forms batches: at most `max_size` jobs, at most `wait_s` waited for them (the default:
+    every job alone)."""
 
-    max_size: int
-    wait_s: float
-    run: BatchWork
+    max_size: int = 1
+    wait_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -63,19 +63,17 @@ class Event:
 
 
 class Ticket:
-    """One submitted job: its work, deadline, cancellation flag and event stream."""
+    """One submitted job: its payload, deadline, cancellation flag and event stream."""
 
     def __init__(
         self,
-        work: Work,
+        payload: Any,
         deadline: float | None,
         loop: asyncio.AbstractEventLoop,
-        payload: Any = None,
         key: Hashable | None = None,
     ) -> None:
-        context = self.context = contextvars.copy_context()  # the worker logs with the submitting RPC's id
-        self.work: Work = lambda hooks: context.run(work, hooks)
-        self.payload = payload  # what `Batching.run` receives for this job
+        self.context = contextvars.copy_context()  # the worker logs with the submitting RPC's id
+        self.payload = payload  # what the queue's `run` receives for this job
         self.key = key  # jobs with equal keys may share a batch (None: never batched)
         self.deadline = deadline
         self.submitted = time.monotonic()
@@ -109,18 +107,22 @@ class Ticket:
 
 
 class JobQueue:
-    """`idle` = (seconds, fn): call fn on the worker thread after that long without a job; `finish`: call it on
-    the worker thread once the queue is closed and the last job is done."""
+    """`run` does the work of every batch; `name` names the worker thread and the errors callers see; `idle` =
+    (seconds, fn): call fn on the worker thread after that long without a job; `finish`: call it on the worker
+    thread once the queue is closed and the last job is done."""
 
     def __init__(
         self,
         capacity: int,
+        run: BatchWork,
         name: str = "jobs",
+        batching: Batching = Batching(),
         idle: tuple[float, Callable[[], None]] | None = None,
         finish: Callable[[], None] | None = None,
-        batching: Batching | None = None,
     ) -> None:
         self.capacity = capacity
+        self.name = name
+        self._run = run
         self._batching = batching
         self._idle = idle
         self._finish = finish
@@ -132,18 +134,16 @@ class JobQueue:
         self._thread = threading.Thread(target=self._work_loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(
-        self, work: Work, timeout: float | None = None, payload: Any = None, key: Hashable | None = None
-    ) -> Ticket:
-        """Queue `work` (call from the event loop); raises `QueueFull` when `capacity` jobs already wait.
-        `payload` and `key` let it share a batch (`Batching`) with other jobs of the same key."""
+    def submit(self, payload: Any, timeout: float | None = None, key: Hashable | None = None) -> Ticket:
+        """Queue a job (call from the event loop); raises `QueueFull` when `capacity` jobs already wait. `key`
+        lets it share a batch with other jobs of the same key (None: it always runs alone)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        ticket = Ticket(work, deadline, asyncio.get_running_loop(), payload, key)
+        ticket = Ticket(payload, deadline, asyncio.get_running_loop(), key)
         with self._cond:
             if self._closed:
-                raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "shutting down")
+                raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"{self.name}: shutting down")
             if len(self._pending) >= self.capacity:
-                raise QueueFull(f"denoiser queue is full ({self.capacity} waiting)")
+                raise QueueFull(f"{self.name} queue is full ({self.capacity} waiting)")
             self._pending.append(ticket)
             self._announce()
             self._cond.notify()
@@ -213,7 +213,7 @@ class JobQueue:
         """Move compatible pending jobs (in queue order) into `batch`, waiting up to `wait_s` for more; called
         with the lock held (`wait` releases it, so submissions and withdrawals go on meanwhile)."""
         policy, head = self._batching, batch[0]
-        if policy is None or policy.max_size == 1 or head.key is None:
+        if policy.max_size == 1 or head.key is None:
             return
         start = time.monotonic()
         deadline = start + policy.wait_s
@@ -230,7 +230,7 @@ class JobQueue:
         metrics.BATCH_SIZE.observe(len(batch))
 
     def _serve(self, batch: list[Ticket]) -> None:
-        finals = [self._run(batch[0])] if len(batch) == 1 else self._run_batch(batch)
+        finals = self._run_batch(batch)
         with self._cond:
             self._running = []  # before the callers hear the outcome: their next jobs must not look queued
         for ticket, final in zip(batch, finals, strict=True):
@@ -238,7 +238,7 @@ class JobQueue:
             ticket.post(final)
 
     def _run_batch(self, batch: list[Ticket]) -> list[Event]:
-        """One `Batching.run` for the members still wanted; each gets its own outcome."""
+        """One `run` for the members still wanted; each gets its own outcome."""
         finals: dict[int, Event] = {}
         live = []
         for index, ticket in enumerate(batch):
@@ -252,7 +252,7 @@ class JobQueue:
         start = time.monotonic()
         try:
             # The head's context: the batch logs under the oldest member's request id.
-            results = batch[0].context.run(self._batching.run, [batch[i].payload for i in live], hooks) if live else []
+            results = batch[0].context.run(self._run, [batch[i].payload for i in live], hooks) if live else []
         except BaseException as exc:  # the worker must survive any batch; every member hears the error
             results = [exc] * len(live)
         if live:
@@ -269,19 +269,6 @@ class JobQueue:
             ticket.post(Event("step", step=done, total=total))
 
         return on_step
-
-    def _run(self, ticket: Ticket) -> Event:
-        metrics.STAGE_SECONDS.labels("queue_wait").observe(time.monotonic() - ticket.submitted)
-        if ticket.should_stop():
-            return Event("failed", error=Cancelled("cancelled or past its deadline before it started"))
-        ticket.post(Event("started"))
-        start = time.monotonic()
-        try:
-            result = ticket.work(StepHooks(on_step=self._progress(ticket), should_stop=ticket.should_stop))
-        except BaseException as exc:  # the worker must survive any job
-            return Event("failed", error=exc)
-        metrics.STAGE_SECONDS.labels("denoise").observe(time.monotonic() - start)
-        return Event("done", result=result)
 
     @staticmethod
     def _record(ticket: Ticket, event: Event) -> None:

@@ -14,15 +14,17 @@ import logging
 from dataclasses import dataclass, field
 
 import grpc
+from imagegen_client.transport import DEFAULT_MESSAGE_LIMIT
 
 from imagegen.common.errors import InvalidArgument
 from imagegen.common.families import Family, get_family
+from imagegen.common.options import ModelDefaults
 from imagegen.common.serving.channels import call_with_retries, internal_channel
 from imagegen.common.serving.config import ConfigError
+from imagegen.common.serving.convert import model_defaults_from_proto
 from imagegen.common.serving.retry import Deadline, RetryBudget, RetryPolicy
 from imagegen.common.serving.status import RpcFailure
 from imagegen.common.serving.tls import TlsConfig
-from imagegen.common.serving.transport import DEFAULT_MESSAGE_LIMIT
 from imagegen.v1 import common_pb2, denoiser_pb2_grpc, encoder_pb2_grpc, vae_pb2_grpc
 
 log = logging.getLogger("imagegen.routes")
@@ -72,6 +74,12 @@ class Route:
     @property
     def denoiser_reads_cache(self) -> bool:
         return self.infos["denoiser"].reads_cache
+
+    @property
+    def model_defaults(self) -> ModelDefaults:
+        """The deployment's request defaults, as its denoiser announced them (none before it answered)."""
+        info = self.infos.get("denoiser")
+        return model_defaults_from_proto(info.defaults) if info is not None else ModelDefaults()
 
     async def describe(self, budget: RetryBudget) -> Family:
         """Ask the three backends what they host (once answered, later calls return the answer), waiting for

@@ -22,12 +22,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from imagegen_client.transport import DEFAULT_MESSAGE_LIMIT, server_options
 
 from imagegen.common.errors import ImagegenError
 from imagegen.common.serving.config import ConfigError
 from imagegen.common.serving.health import NOT_SERVING, SERVING, Health
 from imagegen.common.serving.metrics import start_metrics_server
-from imagegen.common.serving.transport import DEFAULT_MESSAGE_LIMIT, server_options
 
 log = logging.getLogger("imagegen.server")
 FAILURE_GRACE_S = 2.0  # after a fatal fault: time to answer the RPCs already failed, then exit

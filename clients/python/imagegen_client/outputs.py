@@ -1,5 +1,5 @@
 """Output images as bytes: PNG/JPEG/WEBP, or NPY holding the exact float32 array: the VAE service encodes, the
-SDK decodes (one copy, here; the server imports it as `imagegen.common.outputs`).
+SDK decodes (one copy, here; the VAE service imports it from this package).
 
 The uint8 conversion rounds exactly like diffusers' `VaeImageProcessor.numpy_to_pil` (`output_type="pil"`).
 """

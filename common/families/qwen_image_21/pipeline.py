@@ -1,4 +1,6 @@
-"""Qwen-Image-2.1's stages: encode, VAE decode, and the one denoise loop (text-to-image).
+"""Qwen-Image-2.1's stages, in the order diffusers' `QwenImage21Pipeline.__call__` runs them: encode the prompt,
+prepare the latents and the schedule, the one denoise loop (text-to-image). The VAE decode is in `vae`, the facts
+in the package (`imagegen.common.families.qwen_image_21`), the DiT forward in `dit`.
 
 Read next to diffusers 0.42.1 `pipelines/qwenimage21/pipeline_qwenimage21.py`, which this module reproduces:
 
@@ -10,7 +12,6 @@ Read next to diffusers 0.42.1 `pipelines/qwenimage21/pipeline_qwenimage21.py`, w
 * denoise: our block-causal DiT (`dit.QwenImage21DiT`) with the prefix KV cache filled at step 0 ("extract")
   and read later ("cached"), one cache per CFG branch; timestep `t` expanded to the batch and rounded to the
   model dtype before `/ 1000`; CFG `neg + s (pos - neg)` in the model dtype (no norm rescale in 2.1);
-* decode: `latents * std + mean`, VAE decode of the single frame: RGBA images (4 channels).
 
 Under sequence parallelism only the target tokens are sharded; the prefix (the prompt) is replicated and
 attended once (`dit.attend_prefixed`).
@@ -21,17 +22,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from imagegen.common.batching import check_batch
 from imagegen.common.checkpoint import ModelFolder
-from imagegen.common.denoise import DenoiseJob, DenoiseStage, StepHooks, run_batch_loop
+from imagegen.common.denoise import DenoiseJob, DenoiseStage, StepHooks, branch_names, member_velocities, run_batch_loop
 from imagegen.common.errors import InvalidArgument
-from imagegen.common.families.qwen_image_21 import facts
-from imagegen.common.families.qwen_image_21.dit import Qwen21Sequence, QwenImage21DiT, layout_for
+from imagegen.common.families import qwen_image_21 as facts
+from imagegen.common.families.qwen_image_21.dit import (
+    NEGATIVE_POSITIONS,
+    Qwen21Sequence,
+    QwenImage21DiT,
+    layout_for,
+)
 from imagegen.common.latents import initial_noise
 from imagegen.common.options import ResolvedOptions
 from imagegen.common.schedule import Schedule, make_schedule
-from imagegen.common.sharding import LOCAL, Sharding
+from imagegen.common.sharding import Sharding
+from imagegen.common.stage_settings import StageSettings
 from imagegen.common.text import encoder_trunk, ensure_fp32_rotary, take_masked
+from imagegen.common.validation import ModelInputs
+from imagegen.common.warmup import warmup_options
 
 
 # ------------------------------------------------------------------------------------------------------ encode
@@ -77,44 +85,7 @@ class Qwen21TextEncoder:
         return take_masked(hidden[0], mask)[self.drop_tokens :].to(self.dtype)
 
 
-# --------------------------------------------------------------------------------------------------------- vae
-class Qwen21Vae:
-    """Final latents `[K, h*w, 64]` -> RGBA images `[K, 4, H, W]` in [-1, 1] (before postprocessing)."""
-
-    def __init__(self, folder: ModelFolder, dtype: torch.dtype, device: torch.device | str) -> None:
-        self._setup(folder.load("vae", dtype, device))
-
-    @classmethod
-    def from_module(cls, vae: torch.nn.Module) -> Qwen21Vae:
-        """Over an already-built VAE (benchmarks build full-size ones with random weights)."""
-        stage = cls.__new__(cls)
-        stage._setup(vae)
-        return stage
-
-    def _setup(self, vae: torch.nn.Module) -> None:
-        self.vae = vae
-        self.device = vae.device
-        self.dtype = vae.dtype
-        config = vae.config
-        self._mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1)
-        self._std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1)
-
-    def encode_condition(self, images: list) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-        raise InvalidArgument("images", f"{facts.NAME} is served for text-to-image only")
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
-        rows, cols = facts.latent_grid(width, height)
-        # Channel-major memory whatever the caller's layout: the pipeline's latents are (the noise is drawn that
-        # way and the Euler step keeps it), a gathered group result is not, and the VAE's convolutions round
-        # differently on another memory layout.
-        grid = latents.transpose(1, 2).contiguous().reshape(latents.shape[0], latents.shape[2], 1, rows, cols)
-        grid = grid.to(device=self.device, dtype=self.dtype)
-        grid = grid * self._std.to(grid.device, grid.dtype) + self._mean.to(grid.device, grid.dtype)
-        return self.vae.decode(grid, return_dict=False)[0][:, :, 0]
-
-
-# ------------------------------------------------------------------------------------------------------ denoise
+# ----------------------------------------------------------------------------------------------------- prepare
 def noise_for(seed: int, num_images: int, width: int, height: int, dtype: torch.dtype) -> torch.Tensor:
     """The pipeline's draw `[K, 1, 64, h, w]` from a CPU generator, flattened to tokens `[K, h*w, 64]`."""
     rows, cols = facts.latent_grid(width, height)
@@ -141,6 +112,7 @@ def true_cfg(pos: torch.Tensor, neg: torch.Tensor, scale: float) -> torch.Tensor
     return neg + scale * (pos - neg)
 
 
+# ------------------------------------------------------------------------------------------------------ denoise
 class Qwen21Denoiser(DenoiseStage):
     """The denoise stage: initial noise -> final latent tokens, with true CFG when the job has a negative.
 
@@ -152,11 +124,18 @@ class Qwen21Denoiser(DenoiseStage):
 
     dit_class = QwenImage21DiT
     fast_class = QwenImage21DiT  # the fast path is not written yet: both paths run the reference forward
+    lora_family = facts.NAME
 
     sample_sigmas: list[float] | None = None  # Turbo's stored grid (a stage built `from_transformer` has none)
 
-    def __init__(self, folder: ModelFolder, dtype: torch.dtype, device, kernels=None, compile=None) -> None:
-        super().__init__(folder, dtype, device, kernels, compile)
+    def __init__(
+        self,
+        folder: ModelFolder,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        settings: StageSettings = StageSettings(),
+    ) -> None:
+        super().__init__(folder, dtype, device, settings)
         self.sample_sigmas = facts.sample_sigmas(folder.index)
 
     def uses_fast_path(self, sharding: Sharding) -> bool:
@@ -165,11 +144,7 @@ class Qwen21Denoiser(DenoiseStage):
     def schedule(self, options: ResolvedOptions) -> Schedule:
         return schedule_for(self.scheduler_config, options.steps, options.width, options.height, self.sample_sigmas)
 
-    @torch.no_grad()
-    def run_batch(
-        self, jobs: list[DenoiseJob], hooks: list[StepHooks], sharding: Sharding = LOCAL
-    ) -> list[torch.Tensor | BaseException]:
-        check_batch(jobs)
+    def denoise(self, jobs: list[DenoiseJob], hooks: list[StepHooks], sharding: Sharding) -> list:
         first = jobs[0].options
         device, dtype = self.device, self.dtype
         schedule = self.schedule(first).to(device)
@@ -178,24 +153,22 @@ class Qwen21Denoiser(DenoiseStage):
         backend = sharding.attention(plan)
         noisy_rows = plan.segment_rows(0).to(device)
         latent_lengths = [end - start for start, end in (plan.segment_range(0, r) for r in range(plan.world))]
-        names = ["positive"] if jobs[0].negative_embeds is None else ["positive", "negative"]
+        names = branch_names(jobs[0].negative_embeds is not None)
         local = sharding.branches(names)
-        fields = {"positive": "prompt_embeds", "negative": "negative_embeds"}
         start, end = plan.segment_range(0)
         noises = [noise_for(o.seed, o.num_images, o.width, o.height, dtype) for o in (j.options for j in jobs)]
+        counts = [noise.shape[0] for noise in noises]
         latents = [noise[:, start:end].to(device) for noise in noises]
         padded = [torch.zeros(n.shape[0], plan.local_len, n.shape[2], dtype=dtype, device=device) for n in noises]
 
         def branch(job: DenoiseJob, name: str, rows: int):
             """One CFG branch of one member: its text, sequence and prefix cache (filled at its first step)."""
-            embeds = getattr(job, fields[name]).to(device, dtype)
+            embeds = job.embeds(name).to(device, dtype)
             sequence = text_sequence(embeds.shape[0], first.width, first.height)
             text = embeds[None].expand(rows, -1, -1)
             return text, sequence, self.dit.new_cache()
 
-        branches = [
-            {name: branch(job, name, n.shape[0]) for name in local} for job, n in zip(jobs, noises, strict=True)
-        ]
+        branches = [{name: branch(job, name, count) for name in local} for job, count in zip(jobs, counts, strict=True)]
         started: set[tuple[int, str]] = set()
 
         def forward(member: int, name: str, model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
@@ -207,27 +180,42 @@ class Qwen21Denoiser(DenoiseStage):
                 return self.dit(model_input, timestep, layout)
             return self.dit(model_input, timestep, layout, text, sequence)
 
+        def gather(tokens: torch.Tensor) -> torch.Tensor:
+            return sharding.gather(tokens, latent_lengths)
+
+        def combine(member: int, outputs: list[torch.Tensor], step: int) -> torch.Tensor:
+            if len(outputs) == 1:
+                return outputs[0]
+            return true_cfg(outputs[0], outputs[1], jobs[member].options.guidance_scale)
+
         def predict(active: tuple[int, ...], member_latents: list[torch.Tensor], step: int) -> list[torch.Tensor]:
             velocities = []
             for member, lat in zip(active, member_latents, strict=True):
                 model_input = padded[member].index_copy(1, noisy_rows, lat)
+                # One timestep per row, as the pipeline expands it to the batch.
                 timestep = schedule.timesteps[step].expand(lat.shape[0]).to(dtype) / 1000
                 outputs = {
                     name: forward(member, name, model_input, timestep).index_select(1, noisy_rows) for name in local
                 }
                 mine = sharding.exchange(outputs, names)
-                if hooks[member].on_model_output is not None:
-                    for name, out in zip(names, mine, strict=True):
-                        hooks[member].model_output(step, name, sharding.gather(out, latent_lengths))
-                guidance = jobs[member].options.guidance_scale
-                velocities.append(mine[0] if len(mine) == 1 else true_cfg(mine[0], mine[1], guidance))
+                velocities += member_velocities((member,), counts, names, mine, hooks, step, combine, gather)
             return velocities
 
         results = run_batch_loop(predict, latents, schedule, hooks, sharding)
-        return [r if isinstance(r, BaseException) else sharding.gather(r, latent_lengths) for r in results]
+        return [r if isinstance(r, BaseException) else gather(r) for r in results]
 
 
-def warmup_jobs(width: int, height: int, config: dict) -> list[DenoiseJob]:
+def input_limits(family: str, stage: Qwen21Denoiser, job: DenoiseJob) -> ModelInputs:
+    """What the loaded denoiser accepts: the encoder width `txt_in` projects from, and the prompt tokens whose
+    RoPE rows exist (text k sits at position k on every axis and the target frame at the prompt's length, so
+    the longest prompt is one short of the tables' non-negative positions). Text-to-image only: no condition."""
+    transformer = stage.dit.transformer
+    positive = transformer.pos_embed.freqs[0].shape[0] - NEGATIVE_POSITIONS
+    return ModelInputs(transformer.config.context_in_dim, positive - 1, None)
+
+
+# ----------------------------------------------------------------------------------------------------- warm-up
+def warmup_jobs(family: str, width: int, height: int, config: dict) -> list[DenoiseJob]:
     """Two-step jobs for `imagegen.common.warmup`: CFG with prompts of different lengths, and no CFG."""
     generator = torch.Generator().manual_seed(0)
     dim = config.get("context_in_dim", 4096)
@@ -235,7 +223,7 @@ def warmup_jobs(width: int, height: int, config: dict) -> list[DenoiseJob]:
     def embeds(length: int) -> torch.Tensor:
         return torch.randn(length, dim, generator=generator) * 0.1
 
-    def options(negative: str | None) -> ResolvedOptions:
-        return ResolvedOptions(facts.NAME, "warm-up", negative, width, height, 2, 4.0, 0.0, 1.0, 512, 0, 1, 0)
-
-    return [DenoiseJob(options(" "), embeds(24), embeds(11)), DenoiseJob(options(None), embeds(24), None)]
+    return [
+        DenoiseJob(warmup_options(family, width, height, " ", guidance_scale=4.0), embeds(24), embeds(11)),
+        DenoiseJob(warmup_options(family, width, height, None, guidance_scale=4.0), embeds(24)),
+    ]

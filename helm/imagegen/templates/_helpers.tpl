@@ -111,6 +111,7 @@ imagegen.models: the served models, normalized and checked, as YAML {models: [..
   world     the denoiser group size P x C
   weights   the effective weights block (global, overlaid with the model's own)
   loraDir   the denoiser's IMAGEGEN_LORA_DIR (weights.mountPath/loraPath), or "" without loraPath
+  defaults  the model's request defaults (steps, guidanceScale, width, height, negativePrompt), as given
   encoder, denoiser, vae: stageDefaults overlaid with the model's block, with device, dtype and gpus resolved
     (denoiser: gpus and nprocPerNode per pod, P x C / nodesPerGroup)
 */}}
@@ -146,7 +147,7 @@ imagegen.models: the served models, normalized and checked, as YAML {models: [..
 {{- $model := dict "id" $m.id "name" $name "fullname" (printf "%s-%s" $prefix $name) "family" $m.family
       "path" $m.path "modelDir" (printf "%s/%s" (trimSuffix "/" $weights.mountPath) $m.path)
       "device" $device "dtype" ($m.dtype | default "") "sp" $sp "ulysses" $ulysses "cfgParallel" (eq $c 2) "world" $world
-      "weights" $weights "tiny" ($m.tiny | default dict)
+      "weights" $weights "tiny" ($m.tiny | default dict) "defaults" ($m.defaults | default dict)
       "loraDir" (ternary (printf "%s/%s" (trimSuffix "/" $weights.mountPath) $m.loraPath) "" (ne ($m.loraPath | default "") "")) -}}
 {{- range $stageName := list "encoder" "denoiser" "vae" -}}
 {{- $stage := deepCopy (get $root.Values.stageDefaults $stageName) -}}

@@ -13,7 +13,8 @@ Denoiser pods also carry imagegen/role: leader (node rank 0: serves gRPC and met
 {{/*
 The command of a stage's container, per docs/services.md:
   imagegen serve encoder|vae --model DIR --model-id ID
-  imagegen serve denoiser --model DIR --model-id ID --sp P [--ulysses U] [--cfg-parallel] (group of 1)
+  imagegen serve denoiser --model DIR --model-id ID --sp P [--ulysses U] [--cfg-parallel] [--default-* V]
+                                                                                      (group of 1)
   torchrun --nnodes=1 --nproc-per-node=PxC --no-python imagegen serve denoiser ...     (one-pod group)
   torchrun --nnodes=N --nproc-per-node=PxC/N --node-rank=R --master-addr=LEADER ...    (multi-node group)
 dict "root" $ "model" MODEL "component" NAME [ "masterAddr" HOST ] [ "nodeRank" "0" | "$(NODE_RANK)" ].
@@ -29,6 +30,11 @@ dict "root" $ "model" MODEL "component" NAME [ "masterAddr" HOST ] [ "nodeRank" 
 {{- end -}}
 {{- if $model.cfgParallel -}}
 {{- $serve = append $serve "--cfg-parallel" -}}
+{{- end -}}
+{{- range $key, $flag := dict "steps" "--default-steps" "guidanceScale" "--default-guidance-scale" "width" "--default-width" "height" "--default-height" "negativePrompt" "--default-negative-prompt" -}}
+{{- if hasKey $model.defaults $key -}}
+{{- $serve = concat $serve (list $flag (printf "%v" (get $model.defaults $key))) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- if and (eq .component "denoiser") (gt (int64 $model.world) 1) -}}
