@@ -55,8 +55,8 @@ def load_image_file(path: str | Path, field: str = "image") -> PIL.Image.Image:
 
 
 def write_outputs(array: np.ndarray, output: str | Path) -> list[Path]:
-    """Write `[K, H, W, 3]` images: `.npy` holds the float32 array; image suffixes write one file per image
-    (`{i}` in the name numbers them; without it, several images get `-i` before the suffix)."""
+    """Write `[K, H, W, 3]` (or RGBA `[K, H, W, 4]`) images: `.npy` holds the float32 array; image suffixes write
+    one file per image (`{i}` in the name numbers them; without it, several images get `-i` before the suffix)."""
     output = Path(output)
     suffix = output.suffix.lower()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -65,6 +65,8 @@ def write_outputs(array: np.ndarray, output: str | Path) -> list[Path]:
         return [output]
     if suffix not in OUTPUT_SUFFIXES:
         raise InvalidArgument("output", f"unsupported suffix {suffix!r}: use .png, .jpg, .webp or .npy")
+    if array.shape[-1] == 4 and OUTPUT_SUFFIXES[suffix] == "JPEG":  # Qwen-Image-2.1 decodes RGBA
+        raise InvalidArgument("output", "JPEG has no alpha channel for these RGBA images: use .png, .webp or .npy")
     paths = []
     for i, image in enumerate(to_pil(array)):
         if "{i}" in output.name:

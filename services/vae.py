@@ -77,7 +77,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         require_ready(self.stage is not None, "vae")
         fmt = format_name(request.output_format)
         width, height = request.width, request.height
-        check_size(width, height, self.limits)
+        check_size(width, height, self.limits, multiple=self.model.family.defaults.size_multiple)
         caller = Caller(context, self.default_timeout)
         latents = await in_executor(self.executor, unpack, request.latents, LATENTS, "latents", unwanted=caller.gone)
         per_image = latent_shape(self.model.family, self.stage, width, height)
