@@ -14,18 +14,37 @@ import grpc
 from imagegen_client.transport import DEFAULT_MESSAGE_LIMIT, client_options
 
 from imagegen.common.serving import metrics
+from imagegen.common.serving.auth import InternalToken
 from imagegen.common.serving.retry import RetryBudget
 from imagegen.common.serving.tls import TlsConfig
 
 T = TypeVar("T")
 
 
+class _WithToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    """Adds the internal token to every call's metadata."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self._metadata)
+        return details._replace(metadata=metadata)  # type: ignore[attr-defined]
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
 def internal_channel(address: str, tls: TlsConfig, max_receive_bytes: int = DEFAULT_MESSAGE_LIMIT) -> grpc.aio.Channel:
     options = client_options(max_receive_bytes, internal=True)
     credentials = tls.channel_credentials()
+    interceptors = [_WithToken(InternalToken(tls.internal_token).metadata())] if tls.internal_token else None
     if credentials is None:
-        return grpc.aio.insecure_channel(address, options=options)
-    return grpc.aio.secure_channel(address, credentials, options=options)
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
 
 
 async def call_with_retries(call: Callable[..., Awaitable[T]], request: Any, backend: str, budget: RetryBudget) -> T:
