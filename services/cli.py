@@ -19,8 +19,7 @@ def serve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from imagegen.common.kernels import configure_compiler
-    from imagegen.common.serving.config import bind_host
-    from imagegen.common.serving.exposure import check_exposure, internal_token
+    from imagegen.common.serving.exposure import resolve_exposure
     from imagegen.common.serving.hosting import HostedModel, pin_torch_threads
     from imagegen.common.serving.logs import configure_logging
     from imagegen.common.serving.server import serve as run_servers
@@ -40,9 +39,7 @@ def serve(args: argparse.Namespace) -> int:
             model = HostedModel.from_args(args)
             return follow(DenoiserConfig.from_flags(args, model))  # the same GroupSpec rank 0 builds
     # Closed by default (issue 20): loopback unless --host; beyond it only with credentials or an explicit opt-in.
-    args.host = bind_host(args.host, public=False)
-    token = internal_token(args)
-    check_exposure(args, token)
+    token = resolve_exposure(args)
     tls = replace(TlsConfig.from_args(args.tls_cert, args.tls_key, args.tls_ca), internal_token=token)
     servers = run_servers(
         endpoints(args, tls), args.drain_timeout, args.metrics_host, args.metrics_port, args.health_port, args.host

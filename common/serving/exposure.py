@@ -71,3 +71,11 @@ def check_exposure(args: argparse.Namespace, token: str | None) -> None:
         log.warning("stage listening beyond loopback without the internal token", extra={"host": args.host})
     if not is_loopback(args.metrics_host):
         log.info("metrics listening beyond loopback", extra={"metrics_host": args.metrics_host})
+
+
+def resolve_exposure(args: argparse.Namespace) -> str | None:
+    """Set `args.host` (loopback unless --host), check what that exposes, and return the internal token."""
+    args.host = args.host or "127.0.0.1"
+    token = internal_token(args)
+    check_exposure(args, token)
+    return token
