@@ -57,16 +57,16 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
     class Guarded(H11Protocol):
         def connection_made(self, transport) -> None:  # type: ignore[override]
             self.waiting_since = time.monotonic()
-            over = len(self.connections) + 1 - limits.max_connections
-            if over > 0:
-                idle = sorted(
-                    (c for c in self.connections if _waiting(c)), key=lambda c: getattr(c, "waiting_since", 0.0)
-                )
-                for victim in idle[:over]:
-                    victim.transport.abort()  # connection_lost drops it from `connections`
-                    METRIC_DROPPED.labels("evicted").inc()
+            # Closed connections stay in `connections` until their connection_lost runs (a later loop turn):
+            # count only those still open, or a burst of new ones would all be refused.
+            live = [c for c in self.connections if c.transport is not None and not c.transport.is_closing()]
+            over = len(live) + 1 - limits.max_connections
+            idle = sorted((c for c in live if _waiting(c)), key=lambda c: getattr(c, "waiting_since", 0.0))
+            for victim in idle[: max(0, over)]:
+                victim.transport.abort()
+                METRIC_DROPPED.labels("evicted").inc()
             super().connection_made(transport)
-            if len(self.connections) > limits.max_connections:  # nobody could make room: every one is busy
+            if over > len(idle):  # nobody could make room: every connection is serving a request
                 METRIC_DROPPED.labels("refused").inc()
                 transport.abort()
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
@@ -40,7 +39,7 @@ MEGA = float(1 << 20)
 
 def request_work(options: ResolvedOptions) -> float:
     """The request's work in megapixel-steps (see the module doc)."""
-    branches = 1 if options.negative_prompt is None else 2
+    branches = 2 if options.uses_cfg else 1
     return options.num_images * options.width * options.height * options.steps * branches / MEGA
 
 
@@ -186,7 +185,3 @@ class Quotas:
             yield
         finally:
             self._slots.release()
-
-
-def retry_delay(seconds: float) -> int:
-    return max(1, math.ceil(seconds))

@@ -186,6 +186,8 @@ async def serve(
     code = 0
     try:
         metrics_server = start_metrics_server(metrics_port, metrics_host)
+        if metrics_port:
+            log.info("metrics listening", extra={"address": f"{metrics_host}:{metrics_port}"})
         for endpoint in endpoints:
             await endpoint.start()
         if health_port:
