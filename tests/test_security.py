@@ -496,6 +496,16 @@ def test_malformed_text_origin_and_json_errors_are_clear_400s(server):
     reply = requests.post(generations, data=b"{}", headers={**auth, "Origin": "http://evil.example"}, timeout=30)
     assert reply.status_code == 403 and reply.json()["error"]["code"] == "origin_refused"
     assert requests.get(_url(server, "/openapi.json"), timeout=10).status_code == 401  # closed surface
+    field = image_service_pb2.GenerateImageRequest.DESCRIPTOR.fields_by_name["prompt"].number
+    with grpc.insecure_channel(server.address) as channel:  # a string field of bad UTF-8 (a lone surrogate)
+        call = channel.unary_unary("/imagegen.v1.ImageService/GenerateImage")
+        with pytest.raises(grpc.RpcError) as caught:
+            call(
+                bytes([field << 3 | 2, 3]) + b"\xed\xa0\x80",
+                timeout=10,
+                metadata=(("authorization", f"Bearer {KEY_B}"),),
+            )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
 
 
 # ------------------------------------------------------------------------------------------- units

@@ -29,6 +29,7 @@ from imagegen_client.transport import DEFAULT_MESSAGE_LIMIT, server_options
 from imagegen.common.errors import ImagegenError
 from imagegen.common.serving.config import ConfigError
 from imagegen.common.serving.health import NOT_SERVING, SERVING, Health
+from imagegen.common.serving.malformed import MalformedRequests
 from imagegen.common.serving.metrics import start_metrics_server
 
 log = logging.getLogger("imagegen.server")
@@ -79,7 +80,8 @@ class Endpoint:
     async def start(self) -> None:
         server = grpc.aio.server(
             options=server_options(self.service.max_receive_bytes, self.service.internal),
-            interceptors=[*self.interceptors, *self.service.interceptors],
+            # Credentials first (refused calls are never parsed), then malformed messages -> INVALID_ARGUMENT.
+            interceptors=[*self.interceptors, *self.service.interceptors, MalformedRequests()],
             maximum_concurrent_rpcs=self.service.max_concurrent_rpcs,
         )
         self.health = Health()
