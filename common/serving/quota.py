@@ -49,8 +49,8 @@ def check_work(options: ResolvedOptions, max_work: float) -> float:
     if max_work and work > max_work:
         raise InvalidArgument(
             "steps",
-            f"the request is {work:.0f} megapixel-steps (images x width x height x steps x CFG branches / 2^20); "
-            f"the limit is {max_work:.0f}: ask for fewer or smaller images or fewer steps",
+            f"the request is {work:.4g} megapixel-steps (images x width x height x steps x CFG branches / 2^20); "
+            f"the limit is {max_work:.4g}: ask for fewer or smaller images or fewer steps",
         )
     return work
 
@@ -164,8 +164,8 @@ class Quotas:
         wait = bucket.take(work, now)
         if wait is None:
             return
-        message = f"quota work_per_minute: the request is {work:.0f} megapixel-steps; this key's limit is "
-        message += f"{capacity:.0f} a minute"
+        message = f"quota work_per_minute: the request is {work:.3g} megapixel-steps; this key's limit is "
+        message += f"{capacity:.3g} a minute"
         if work > capacity:
             raise with_reason(grpc.StatusCode.RESOURCE_EXHAUSTED, QUOTA_WORK_PER_MINUTE, message + " (never enough)")
         raise with_reason(grpc.StatusCode.RESOURCE_EXHAUSTED, QUOTA_WORK_PER_MINUTE, message, max(wait, 0.1))
