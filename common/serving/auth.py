@@ -3,7 +3,7 @@ call's metadata by a server interceptor, before the request message is read.
 
 A refused call is answered UNAUTHENTICATED by a request-streaming handler that never reads its request, so an
 unauthenticated caller's (possibly huge) message is not received, let alone parsed. Health checks pass without
-credentials (kubelet probes have none); so does reflection only where it is served at all.
+credentials (kubelet probes have none), and so does reflection (it describes the public protos, nothing else).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from imagegen.common.serving.status import RpcFailure
 __all__ = ["ApiKeys", "InternalToken", "KeyInterceptor", "TokenInterceptor", "UNAUTHENTICATED_METHODS"]
 log = logging.getLogger("imagegen.auth")
 INTERNAL_HEADER = "x-imagegen-internal-token"
-UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/",)
+# Health (kubelet probes carry no credentials) and reflection (the schema is public: it ships in the client).
+UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 class InternalToken:
