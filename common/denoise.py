@@ -114,6 +114,9 @@ class StepHooks:
     on_step: Callable[[int, int], None] | None = None
     should_stop: Callable[[], bool] | None = None
     on_model_output: Callable[[int, str, torch.Tensor], None] | None = None
+    # `after_step(step, latents) -> latents` rewrites a member's latents right after its Euler step, in the
+    # loop's layout (inpainting's blend of known latents, `imagegen.common.conditioning.blend_known`).
+    after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None
 
     def model_output(self, step: int, branch: str, output: torch.Tensor) -> None:
         if self.on_model_output is not None:
@@ -144,6 +147,8 @@ def run_batch_loop(
         velocities = predict(active, [latents[m] for m in active], step)
         for member, velocity in zip(active, velocities, strict=True):
             latents[member] = euler_step(latents[member], velocity, schedule, step)
+            if hooks[member].after_step is not None:
+                latents[member] = hooks[member].after_step(step, latents[member])
             if hooks[member].on_step is not None:
                 hooks[member].on_step(step + 1, total)
     for member in active:

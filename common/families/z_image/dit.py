@@ -12,6 +12,7 @@ from diffusers.models.transformers.transformer_z_image import RopeEmbedder
 
 from imagegen.common.attention import LOCAL_ATTENTION, AttentionBackend, AttentionLayout, Heads, joint_by_length
 from imagegen.common.batching import row_lengths, stack_padded
+from imagegen.common.call_rows import CallRows
 from imagegen.common.families.z_image import PATCH_KEY, padded_length
 from imagegen.common.rope import Rotary
 from imagegen.common.sharding import SequencePlan
@@ -131,17 +132,40 @@ def stack_branches(branches: list[ZImageBranch], counts: list[int]) -> ZImageBra
 
 
 def embed_image(
-    transformer: torch.nn.Module, tokens: torch.Tensor, timestep: torch.Tensor, registers: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prologue of both forwards: the time embedding, and this rank's latent tokens `[B, n, 64]` filled to
-    its local length (`registers` `[n_local, 1]`), embedded, the learned register token where `registers` is set."""
+    transformer: torch.nn.Module, tokens: torch.Tensor, timestep: torch.Tensor, rows: CallRows, registers: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The prologue of both forwards: the time embedding of each diffusers call `rows` names (`[size, 256]`
+    each), and this rank's latent tokens `[B, n, 64]` filled to its local length (`registers` `[n_local, 1]`),
+    embedded, the learned register token where `registers` is set."""
     tr = transformer
     batch = tokens.shape[0]
-    adaln = tr.t_embedder(timestep * tr.t_scale).type_as(tokens)
+    adaln = [tr.t_embedder(t * tr.t_scale).type_as(tokens) for t in rows.timesteps(timestep)]
     fill = registers.shape[0] - tokens.shape[1]
-    rows = torch.cat([tokens, tokens.new_zeros(batch, fill, tokens.shape[2])], dim=1)
-    image = tr.all_x_embedder[PATCH_KEY](rows)
+    padded = torch.cat([tokens, tokens.new_zeros(batch, fill, tokens.shape[2])], dim=1)
+    image = tr.all_x_embedder[PATCH_KEY](padded)
     return adaln, torch.where(registers, tr.x_pad_token.to(image.dtype), image)
+
+
+def modulated_layer(
+    layer: torch.nn.Module, x: torch.Tensor, layout: AttentionLayout, mod: torch.Tensor
+) -> torch.Tensor:
+    """diffusers' `ZImageTransformerBlock.forward` (global modulation) with its `adaLN_modulation` output `mod`
+    `[B, 4 * dim]` given: the caller computes it on diffusers' row count (`CallRows`)."""
+    scale_msa, gate_msa, scale_mlp, gate_mlp = mod.unsqueeze(1).chunk(4, dim=2)
+    gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
+    scale_msa, scale_mlp = 1.0 + scale_msa, 1.0 + scale_mlp
+    attn_out = layer.attention(layer.attention_norm1(x) * scale_msa, attention_mask=None, freqs_cis=layout)
+    x = x + gate_msa * layer.attention_norm2(attn_out)
+    return x + gate_mlp * layer.ffn_norm2(layer.feed_forward(layer.ffn_norm1(x) * scale_mlp))
+
+
+def final_layer(
+    transformer: torch.nn.Module, x: torch.Tensor, adaln: list[torch.Tensor], rows: CallRows
+) -> torch.Tensor:
+    """diffusers' `FinalLayer.forward` (global modulation), its modulation on diffusers' row count."""
+    final = transformer.all_final_layer[PATCH_KEY]
+    scale = 1.0 + rows.apply(final.adaLN_modulation, adaln)
+    return final.linear(final.norm_final(x) * scale.unsqueeze(1))
 
 
 class ZImageDiT:
@@ -172,9 +196,12 @@ class ZImageDiT:
         every step; its attention covers the caption alone, which every rank holds whole (no communication).
         """
         tr = self.transformer
-        tokens = tr.cap_embedder(caption)
-        pad = tr.cap_pad_token.to(tokens.dtype).expand(len(rotary) - tokens.shape[0], -1)
-        tokens = torch.cat([tokens, pad])[None]
+        # Embed all Lp rows as diffusers does (`_pad_with_ids` repeats the last feature row, the pad rows then
+        # become `cap_pad_token`): CPU GEMMs round a row differently with the number of rows in the call.
+        real = caption.shape[0]
+        rows = torch.cat([caption, caption[-1:].expand(len(rotary) - real, -1)])
+        tokens = tr.cap_embedder(rows)
+        tokens = torch.cat([tokens[:real], tr.cap_pad_token.to(tokens.dtype).expand(len(rotary) - real, -1)])[None]
         layout = AttentionLayout(LOCAL_ATTENTION, None, rotary, num_replicated=tokens.shape[1])
         for layer in tr.context_refiner:
             tokens = layer(tokens, None, layout)
@@ -187,23 +214,24 @@ class ZImageDiT:
         branch: ZImageBranch,
         slots: ImageSlots,
         backend: AttentionBackend,
+        rows: CallRows | None = None,
     ) -> torch.Tensor:
-        """`tokens` `[B, n, 64]` this rank's latent tokens in the model dtype, `timestep` `[1]` (broadcast to
-        every row) or `[B]` = (1000 - t) / 1000 in float32 -> model output for those tokens `[B, n, 64]` (not
-        yet negated)."""
+        """`tokens` `[B, n, 64]` this rank's latent tokens in the model dtype, `timestep` `[1]` = (1000 - t) / 1000
+        in float32 (the same for every row) -> model output for those tokens `[B, n, 64]` (not yet negated).
+        `rows`: the diffusers call each row's time embedding and modulations come from (default: one call of B)."""
         tr = self.transformer
-        adaln, image = embed_image(tr, tokens, timestep, slots.register_rows)
+        rows = rows or CallRows.of([(tokens.shape[0], r) for r in range(tokens.shape[0])])
+        adaln, image = embed_image(tr, tokens, timestep, rows, slots.register_rows)
         caption = branch.caption_tokens.expand(tokens.shape[0], -1, -1)
 
         refine = AttentionLayout(backend, branch.image_rotary, None)
         for layer in tr.noise_refiner:
-            image = layer(image, None, refine, adaln)
+            image = modulated_layer(layer, image, refine, rows.apply(layer.adaLN_modulation, adaln))
 
         unified = torch.cat([image, caption], dim=1)
         joint = AttentionLayout(
             backend, branch.image_rotary, branch.caption_rotary, caption.shape[1], branch.caption_lengths
         )
         for layer in tr.layers:
-            unified = layer(unified, None, joint, adaln)
-        out = tr.all_final_layer[PATCH_KEY](unified, c=adaln)
-        return out[:, : tokens.shape[1]]
+            unified = modulated_layer(layer, unified, joint, rows.apply(layer.adaLN_modulation, adaln))
+        return final_layer(tr, unified, adaln, rows)[:, : tokens.shape[1]]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from imagegen.common.call_rows import CallRows
 from imagegen.common.families.z_image import PATCH_KEY
 from imagegen.common.families.z_image.dit import embed_image
 from imagegen.common.kernels import (
@@ -75,12 +76,17 @@ class ZImageFastDiT:
         inputs: ZImageFastInputs,
         caption_lengths: tuple[int, ...],
         compile: bool,
+        rows: CallRows | None = None,
     ) -> torch.Tensor:
         """`tokens` `[B, n_latent, 64]` in the model dtype, `timestep` `[1]` = (1000 - t) / 1000 in float32 ->
-        model output `[B, n_latent, 64]` (not yet negated)."""
+        model output `[B, n_latent, 64]` (not yet negated). `rows`: the diffusers call each row's time embedding
+        comes from (`CallRows`; default one call of B). The layers' modulations run on the forward's B rows
+        inside the compiled stage, which is diffusers' count for one unbatched job with both CFG branches local."""
         tr = self.transformer
         pre, post = self.stages(compile)
-        adaln, image = embed_image(tr, tokens, timestep, inputs.registers)
+        rows = rows or CallRows.of([(tokens.shape[0], r) for r in range(tokens.shape[0])])
+        calls, image = embed_image(tr, tokens, timestep, rows, inputs.registers)
+        adaln = rows.take(calls)
         # The image and caption lengths are dynamic: one compiled graph serves every size and prompt, so a new
         # size costs only its CUDA graph capture and attention choice.
         for table in (inputs.image_cos, inputs.image_sin, inputs.joint_cos, inputs.joint_sin):

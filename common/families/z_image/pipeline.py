@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from imagegen.common.attention import AttentionBackend
+from imagegen.common.call_rows import CallRows
 from imagegen.common.cfg import z_image_cfg
 from imagegen.common.checkpoint import ModelFolder
 from imagegen.common.denoise import (
@@ -159,11 +160,12 @@ class ZImageDenoiser(DenoiseStage):
             return -z_image_cfg(pos, neg, scales[member][step], jobs[member].options.cfg_normalization, gather)
 
         def predict(active: tuple[int, ...], latents: list[torch.Tensor], step: int) -> list[torch.Tensor]:
-            # One timestep row for all (broadcast): no row's arithmetic depends on the batch size.
+            # One timestep; each forward row's time embedding and modulations come from the diffusers call
+            # of its job alone (`CallRows`), whatever the batch and the CFG layout.
             timestep = (1000 - schedule.timesteps[step : step + 1]) / 1000
             step_names = batch.step_names(active[0], step)  # one batch key: the same for every member
             local = tuple(sharding.branches(step_names))
-            outputs = sharding.exchange(branch_outputs(active, latents, timestep, local), step_names)
+            outputs = sharding.exchange(branch_outputs(active, latents, timestep, local, step_names), step_names)
             return member_velocities(active, batch.counts, step_names, outputs, hooks, step, combine, full)
 
         results = run_batch_loop(predict, latents, schedule, hooks, sharding)
@@ -174,19 +176,22 @@ class ZImageDenoiser(DenoiseStage):
     def _reference_outputs(self, batch: ZImageBatch, backend: AttentionBackend):
         """One forward per local branch, every active member's rows in it (members in order)."""
 
-        def branch_forward(active: tuple[int, ...], name: str):
-            branch = stack_branches([batch.branches[m][name] for m in active], [batch.counts[m] for m in active])
+        def branch_forward(active: tuple[int, ...], name: str, step_names: tuple[str, ...]):
+            counts = [batch.counts[m] for m in active]
+            branch = stack_branches([batch.branches[m][name] for m in active], counts)
+            # Each member's timestep rows as its job alone in diffusers: one call over the step's branches.
+            rows = CallRows.for_members(counts, (name,), step_names, self.device)
 
             def forward(tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-                return self.dit(tokens, timestep, branch, batch.slots, backend)
+                return self.dit(tokens, timestep, branch, batch.slots, backend, rows)
 
             return maybe_graphed(forward, self.device, self.settings.cuda_graphs)
 
         forwards = PerActiveSet(branch_forward)
 
-        def outputs(active, latents: list[torch.Tensor], timestep: torch.Tensor, local: tuple[str, ...]) -> dict:
+        def outputs(active, latents, timestep: torch.Tensor, local: tuple[str, ...], step_names) -> dict:
             model_input = torch.cat(latents).to(self.dtype)
-            return {name: forwards(active, name)(model_input, timestep) for name in local}
+            return {name: forwards(active, name, tuple(step_names))(model_input, timestep) for name in local}
 
         return outputs
 
@@ -197,7 +202,9 @@ class ZImageDenoiser(DenoiseStage):
         device, dtype, counts = self.device, self.dtype, batch.counts
         compile = self.compile_for(sum(len(sharding.branches(batch.step_names(0, s))) for s in range(steps)))
 
-        def batch_inputs(active: tuple[int, ...], local: tuple[str, ...]) -> tuple[ZImageFastInputs, tuple[int, ...]]:
+        def batch_inputs(
+            active: tuple[int, ...], local: tuple[str, ...], step_names: tuple[str, ...]
+        ) -> tuple[ZImageFastInputs, tuple[int, ...], CallRows]:
             row_branches = [batch.branches[m][name] for name in local for m in active for _ in range(counts[m])]
             lengths = tuple(b.caption_tokens.shape[1] for b in row_branches)
             longest = max(lengths)
@@ -215,20 +222,23 @@ class ZImageDenoiser(DenoiseStage):
                 torch.cat([image_sin, cap_sin.expand(rows, -1, -1)], dim=1),
                 batch.slots.register_rows,
             )
-            return inputs, lengths
+            rows = CallRows.for_members([counts[m] for m in active], local, step_names, device)
+            return inputs, lengths, rows
 
         inputs_for = PerActiveSet(batch_inputs)
 
-        def forward(lengths: tuple[int, ...]):
+        def forward(lengths: tuple[int, ...], rows: CallRows):
             def run(tokens: torch.Tensor, timestep: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
-                return self.fast(tokens, timestep, ZImageFastInputs(*tensors), lengths, compile)
+                return self.fast(tokens, timestep, ZImageFastInputs(*tensors), lengths, compile, rows)
 
             return run
 
-        def outputs(active, latents: list[torch.Tensor], timestep: torch.Tensor, local: tuple[str, ...]) -> dict:
-            inputs, lengths = inputs_for(active, local)
+        def outputs(active, latents, timestep: torch.Tensor, local: tuple[str, ...], step_names) -> dict:
+            inputs, lengths, rows = inputs_for(active, local, tuple(step_names))
             batched = torch.cat(latents).to(dtype).repeat(len(local), 1, 1)
-            out = self.graphs.run((NAME, lengths, compile), forward(lengths), batched, timestep, *inputs.tensors())
+            # The timestep rows are part of the captured graph: the step's branches are in its key.
+            key = (NAME, lengths, compile, tuple(step_names))
+            out = self.graphs.run(key, forward(lengths, rows), batched, timestep, *inputs.tensors())
             return dict(zip(local, out.chunk(len(local)), strict=True))
 
         return outputs, compile
