@@ -37,6 +37,7 @@ class FamilyDefaults:
     min_images: int = 0
     max_images: int = 0
     size_multiple: int = 16  # width and height must be multiples of this (Qwen-Image-2.1: 32)
+    output_channels: int = 3  # RGB; Qwen-Image-2.1 decodes RGBA (4), which JPEG cannot hold
 
 
 @dataclass(frozen=True)

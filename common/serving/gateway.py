@@ -37,7 +37,7 @@ from imagegen.common.serving.handlers import current_request_id
 from imagegen.common.serving.retry import RetryBudget
 from imagegen.common.serving.routes import Route, RouteTable
 from imagegen.common.serving.status import EMBEDDINGS_MISSING, RpcFailure, parse_error
-from imagegen.common.validation import check_image_blobs, check_response_size
+from imagegen.common.validation import check_image_blobs, check_output_format, check_response_size
 from imagegen.v1 import common_pb2, denoiser_pb2, encoder_pb2, image_service_pb2, vae_pb2
 
 log = logging.getLogger("imagegen.gateway")
@@ -74,7 +74,9 @@ class Gateway:
         )
         pil_images = await asyncio.to_thread(self._decode, images, family) if images else []
         resolved = resolve_for(family, options, pil_images, self.limits, route.model_defaults)
-        check_response_size(resolved.num_images, resolved.width, resolved.height, fmt, self.limits)
+        channels = family.defaults.output_channels
+        check_output_format(fmt, channels, family.name)
+        check_response_size(resolved.num_images, resolved.width, resolved.height, fmt, self.limits, channels)
         return Job(current_request_id(), route, resolved, images, request.output_format, loras)
 
     def _decode(self, images: Sequence[bytes], family) -> list:

@@ -55,6 +55,7 @@ DEFAULTS = {
         # linspace(1, 1/N, N) with N = 1 is [1.0]; the terminal stretch then divides by zero, as for Qwen-Image.
         min_steps=2,
         size_multiple=SIZE_MULTIPLE,
+        output_channels=4,  # the VAE decodes RGBA
     )
 }
 
