@@ -26,7 +26,9 @@ import torch
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLQwenImage,
+    AutoencoderKLQwenImage21,
     DiffusionPipeline,
+    QwenImage21Transformer2DModel,
     QwenImageTransformer2DModel,
     ZImageTransformer2DModel,
 )
@@ -61,6 +63,8 @@ WORKLOADS = {
     "z-image-cfg-1024": Workload("z-image", None, 1024, 30, 4.0, ""),
     "qwen-image-edit-plus-1024": Workload("qwen-image-edit-plus", None, 1024, 20, 4.0, " ", input_images=1),
     "qwen-image-2048": Workload("qwen-image", None, 2048, 8, 4.0, " "),
+    # QwenImage21Pipeline's defaults: 40 steps, true_cfg_scale 1.0 (no CFG).
+    "qwen-image-2.1-1024": Workload("qwen-image-2.1", None, 1024, 40, 1.0, None),
 }
 SMOKE_SIZE, SMOKE_STEPS = 64, 3
 # Z-Image's FLUX-style VAE (shared/docs/full-size-configs.md)
@@ -131,14 +135,45 @@ Z_IMAGE_DIT = dict(
 )
 
 
+# Qwen-Image-2.1's Qwen3-VL-8B text encoder (docs/benchmarks.md, "config used"); special-token ids stay the tiny's.
+QWEN3_VL_8B_TEXT = dict(
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+    rope_parameters={
+        "rope_type": "default",
+        "rope_theta": 5000000.0,
+        "mrope_section": [24, 20, 20],
+        "mrope_interleaved": True,
+    },
+)
+QWEN3_VL_8B_VISION = dict(
+    depth=27,
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_heads=16,
+    out_hidden_size=4096,
+    num_position_embeddings=2304,
+    deepstack_visual_indexes=[8, 16, 24],
+)
+
+
 def full_size_transformer(family: str) -> torch.nn.Module:
     """The published DiT of `family` with random weights, on the GPU in bf16."""
+    if family == "qwen-image-2.1":  # the class defaults are the published shapes
+        return _scaled_linears(_build(QwenImage21Transformer2DModel, {}, 1), 0.5)
     if family.startswith("qwen"):
         return _scaled_linears(_build(QwenImageTransformer2DModel, {}, 1), 0.5)
     return _scaled_linears(_build(ZImageTransformer2DModel, Z_IMAGE_DIT, 1), 0.5)
 
 
 def full_size_vae(family: str) -> torch.nn.Module:
+    if family == "qwen-image-2.1":
+        return _build(AutoencoderKLQwenImage21, {}, 3)
     if family.startswith("qwen"):
         return _build(AutoencoderKLQwenImage, {}, 3)
     return _build(AutoencoderKL, FLUX_VAE, 3)
@@ -147,7 +182,14 @@ def full_size_vae(family: str) -> torch.nn.Module:
 def full_size_modules(family: str, folder) -> dict:
     """The published architectures with random weights, on the GPU, for `family`'s pipeline."""
     transformer = full_size_transformer(family)
-    if family.startswith("qwen"):
+    if family == "qwen-image-2.1":
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+        config = Qwen3VLConfig.from_dict(folder.config("text_encoder"))
+        _resize(config.text_config, **QWEN3_VL_8B_TEXT)
+        _resize(config.vision_config, **QWEN3_VL_8B_VISION)
+        text_encoder = _build(Qwen3VLForConditionalGeneration, config, 2)
+    elif family.startswith("qwen"):
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
         config = Qwen2_5_VLConfig.from_dict(folder.config("text_encoder"))
@@ -247,12 +289,12 @@ def run_ours(pipeline: Pipeline, case: Case, images) -> tuple[np.ndarray, dict[s
     return array, stages, outputs
 
 
-def cosines(ours: dict, theirs: dict) -> list[float]:
+def cosines(ours: dict, theirs: dict, family: str = "") -> list[float]:
     result = []
     for key, out in sorted(ours.items()):
         ref = theirs[key]
-        if ref.dim() == 3:
-            ref = ref[:, : out.shape[1]]
+        if ref.dim() == 3:  # Qwen: condition tokens after the noisy ones; 2.1: the prefix before the target
+            ref = ref[:, -out.shape[1] :] if family == "qwen-image-2.1" else ref[:, : out.shape[1]]
         result.append(cosine(out, ref))
     return result
 
@@ -337,7 +379,7 @@ def bench_workload(name: str, work: Workload, modules: dict | None, args) -> dic
     processors.use("ours")
     ours_short, _, _ = run_ours(reference, check, images)
 
-    steps_cos = cosines(our_outputs, their_outputs)
+    steps_cos = cosines(our_outputs, their_outputs, work.family)
     totals = [r["total"] for r in ours_runs]
     report = {
         "workload": name,
@@ -387,15 +429,16 @@ def main() -> None:
     built: dict[str, dict] = {}
     for name in names:
         work = WORKLOADS[name]
-        group = "qwen" if work.family.startswith("qwen") else "z-image"
+        group = {"qwen-image-2.1": "qwen-image-2.1"}.get(
+            work.family, "qwen" if work.family.startswith("qwen") else "z-image"
+        )
         modules = None
         if not args.smoke:
             if group not in built:
                 built.clear()
                 torch.cuda.empty_cache()
-                folder = open_model_folder(
-                    tiny_checkpoint_cached("qwen-image-edit-plus" if group == "qwen" else "z-image")
-                )
+                source = {"qwen": "qwen-image-edit-plus"}.get(group, group)
+                folder = open_model_folder(tiny_checkpoint_cached(source))
                 built[group] = full_size_modules(work.family, folder)
             modules = built[group]
         emit(starting=name, at=time.strftime("%H:%M:%S"))

@@ -1,5 +1,5 @@
 """Full-size Qwen-Image-2.1 DiT on one GPU (random bf16 weights, the published shapes = the class defaults):
-our reference forward (`common/families/qwen_image_21_dit.py`) against diffusers' `QwenImage21Transformer2DModel`
+our reference forward (`common/families/qwen_image_21/dit.py`) against diffusers' `QwenImage21Transformer2DModel`
 forward on the same modules, in the pipeline's modes (step 0 "extract" fills the prefix KV cache, later steps
 "cached"), text-to-image at 1024x1024 and image-conditioned with one 1024x1024 condition image.
 
@@ -27,7 +27,7 @@ from diffusers.models.transformers.transformer_qwenimage21 import (
 )
 
 from imagegen.common.attention import LOCAL_ATTENTION
-from imagegen.common.families.qwen_image_21_dit import Qwen21Sequence, QwenImage21DiT, layout_for
+from imagegen.common.families.qwen_image_21.dit import Qwen21Sequence, QwenImage21DiT, layout_for
 
 SMOKE = dict(num_layers=2, attention_head_dim=16, num_attention_heads=4, context_in_dim=48)
 SMOKE["axes_dims_rope"] = (4, 6, 6)

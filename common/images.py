@@ -30,6 +30,41 @@ def to_pil(array: np.ndarray) -> list[PIL.Image.Image]:
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP")  # the decoders we expose to callers' bytes (no TIFF, ICNS, FLI, ...)
 
 
+DECODED_BYTES_PER_PIXEL = 4  # what a decoded pixel may take (RGBA/CMYK modes) before the RGB conversion
+
+
+def _unreadable(field: str, exc: Exception) -> InvalidArgument:
+    # A fixed reason, never the decoder's message: those name classes and heap addresses (`<_io.BytesIO ...>`).
+    reason = "truncated" if isinstance(exc, EOFError | OSError) and "truncated" in str(exc) else "unreadable"
+    if isinstance(exc, PIL.UnidentifiedImageError):
+        reason = "not PNG, JPEG or WEBP"
+    return InvalidArgument(field, f"not a readable image ({reason}; PNG, JPEG or WEBP)")
+
+
+def image_size(data: bytes, field: str = "images") -> tuple[int, int]:
+    """(width, height) from an image's header, without decoding it; INVALID_ARGUMENT for other formats."""
+    try:
+        with PIL.Image.open(io.BytesIO(data), formats=INPUT_FORMATS) as probe:
+            return probe.size
+    except Exception as exc:
+        raise _unreadable(field, exc) from exc
+
+
+def check_decoded_bytes(images: list[bytes] | tuple[bytes, ...], max_bytes: int, field: str = "images") -> None:
+    """Refuse, before decoding any, images whose decoded pixels together would exceed `max_bytes` (a few KB of
+    all-zero PNG can claim gigabytes: the headers say how much, so nothing is decompressed to find out)."""
+    total = 0
+    for index, data in enumerate(images):
+        width, height = image_size(data, f"{field}[{index}]")
+        total += width * height * DECODED_BYTES_PER_PIXEL
+        if total > max_bytes:
+            raise InvalidArgument(
+                f"{field}[{index}]",
+                f"the input images decode to more than {max_bytes} bytes together (width x height x "
+                f"{DECODED_BYTES_PER_PIXEL} each); send fewer or smaller images",
+            )
+
+
 def decode_image(data: bytes, field: str = "images", max_pixels: int = 64 * 1024 * 1024) -> PIL.Image.Image:
     """Bytes of a PNG/JPEG/WEBP -> RGB PIL image as diffusers' `load_image` makes it (EXIF orientation applied,
     then RGB); refuses other formats, unreadable data and decompression bombs (size checked before decoding)."""
@@ -43,8 +78,7 @@ def decode_image(data: bytes, field: str = "images", max_pixels: int = 64 * 1024
     except (InvalidArgument, MemoryError):
         raise
     except Exception as exc:  # Pillow's decoders fail in many ways on hostile bytes; all are the caller's
-        reason = f"{type(exc).__name__}: {exc}"
-        raise InvalidArgument(field, f"not a readable image (PNG, JPEG or WEBP; {reason})") from exc
+        raise _unreadable(field, exc) from exc
 
 
 def load_image_file(path: str | Path, field: str = "image") -> PIL.Image.Image:
@@ -55,8 +89,8 @@ def load_image_file(path: str | Path, field: str = "image") -> PIL.Image.Image:
 
 
 def write_outputs(array: np.ndarray, output: str | Path) -> list[Path]:
-    """Write `[K, H, W, 3]` images: `.npy` holds the float32 array; image suffixes write one file per image
-    (`{i}` in the name numbers them; without it, several images get `-i` before the suffix)."""
+    """Write `[K, H, W, 3]` (or RGBA `[K, H, W, 4]`) images: `.npy` holds the float32 array; image suffixes write
+    one file per image (`{i}` in the name numbers them; without it, several images get `-i` before the suffix)."""
     output = Path(output)
     suffix = output.suffix.lower()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -65,6 +99,8 @@ def write_outputs(array: np.ndarray, output: str | Path) -> list[Path]:
         return [output]
     if suffix not in OUTPUT_SUFFIXES:
         raise InvalidArgument("output", f"unsupported suffix {suffix!r}: use .png, .jpg, .webp or .npy")
+    if array.shape[-1] == 4 and OUTPUT_SUFFIXES[suffix] == "JPEG":  # Qwen-Image-2.1 decodes RGBA
+        raise InvalidArgument("output", "JPEG has no alpha channel for these RGBA images: use .png, .webp or .npy")
     paths = []
     for i, image in enumerate(to_pil(array)):
         if "{i}" in output.name:

@@ -51,7 +51,7 @@ def read_model_defaults(folder: str | Path) -> ModelDefaults:
     except (OSError, ValueError) as exc:
         raise ModelDefaultsError(f"{path}: not readable JSON ({exc})") from exc
     if not isinstance(data, dict):
-        raise ModelDefaultsError(f"{path}: must hold a JSON object such as {{\"steps\": 8}}")
+        raise ModelDefaultsError(f'{path}: must hold a JSON object such as {{"steps": 8}}')
     values = {}
     for key, value in data.items():
         kind = KEYS.get(key)
@@ -93,7 +93,8 @@ def check_model_defaults(
     (at its smallest valid values, so only the deployment's own values are judged). The error names the key."""
     if (defaults.width is None) != (defaults.height is None):
         raise ModelDefaultsError(f"{source}: width and height are set together")
-    side = None if defaults.width is not None else 16
+    smallest = family_defaults.size_multiple  # the smallest valid side (16; Qwen-Image-2.1: 32)
+    side = None if defaults.width is not None else smallest
     probe = RequestOptions(
         "probe",
         width=side,
@@ -103,6 +104,8 @@ def check_model_defaults(
     )
     try:
         check_text("negative_prompt", defaults.negative_prompt, limits)  # also one this model's guidance drops
-        resolve_options(family, family_defaults, probe, family_defaults.min_images, limits, (16, 16), defaults)
+        resolve_options(
+            family, family_defaults, probe, family_defaults.min_images, limits, (smallest, smallest), defaults
+        )
     except InvalidArgument as exc:
         raise ModelDefaultsError(f"{source}: {exc.field} {exc.message}") from exc

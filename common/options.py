@@ -36,6 +36,8 @@ class FamilyDefaults:
     cfg_above: float = 1.0
     min_images: int = 0
     max_images: int = 0
+    size_multiple: int = 16  # width and height must be multiples of this (Qwen-Image-2.1: 32)
+    output_channels: int = 3  # RGB; Qwen-Image-2.1 decodes RGBA (4), which JPEG cannot hold
 
 
 @dataclass(frozen=True)
@@ -134,9 +136,10 @@ def check_text(name: str, value: str | None, limits: Limits) -> None:
         raise InvalidArgument(name, "must not contain NUL characters")
 
 
-def check_size(width: int, height: int, limits: Limits, prefix: str = "") -> None:
+def check_size(width: int, height: int, limits: Limits, prefix: str = "", multiple: int = 16) -> None:
+    """Width and height: positive multiples of `multiple` (the family's `size_multiple`) up to `max_side`."""
     for name, value in (("width", width), ("height", height)):
-        check_int(f"{prefix}{name}", value, 16, limits.max_side, multiple_of=16)
+        check_int(f"{prefix}{name}", value, multiple, limits.max_side, multiple_of=multiple)
 
 
 def check_pixels(field: str, num_images: int, width: int, height: int, limits: Limits) -> None:
@@ -215,7 +218,7 @@ def check_bounds(options: ResolvedOptions, defaults: FamilyDefaults, limits: Lim
     check_text(f"{prefix}prompt", options.prompt, limits)
     check_text(f"{prefix}negative_prompt", options.negative_prompt, limits)
     check_int(f"{prefix}num_input_images", options.num_input_images, defaults.min_images, defaults.max_images)
-    check_size(options.width, options.height, limits, prefix)
+    check_size(options.width, options.height, limits, prefix, defaults.size_multiple)
     check_int(f"{prefix}steps", options.steps, defaults.min_steps, limits.max_steps)
     check_number(f"{prefix}guidance_scale", options.guidance_scale, 0.0, limits.max_guidance_scale)
     for name, default in (

@@ -2,7 +2,7 @@
 
 `QwenImageControlNetModel` (InstantX layout: "union", and the inpainting variant with 4 extra input features for
 the mask) and `ZImageControlNetModel` (alibaba-pai Fun-Controlnet-Union 1.0, 2.0 and 2.1 layouts) are built with
-the base model's widths, drawn like the base components (`tiny.randomise_weights_`: N(0, 1/fan_in) weights,
+the base model's widths, drawn like the base components (`tiny_parts.randomise_weights_`: N(0, 1/fan_in) weights,
 re-randomised norms and biases) and saved with `save_pretrained`, so `from_pretrained` loads them offline.
 
 diffusers zero-initialises every ControlNet output projection (`controlnet_blocks`, `controlnet_x_embedder`,

@@ -18,7 +18,7 @@ from diffusers import AutoencoderKLQwenImage21, QwenImage21Pipeline, QwenImage21
 from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-from imagegen.common.tiny import _QWEN3_ADDED, _make_tokenizer, _qwen_scheduler, _seeded
+from imagegen.common.tiny_parts import _QWEN3_ADDED, _make_tokenizer, _qwen_scheduler, _seeded
 
 VARIANTS = (None, "turbo")
 TEXT_HIDDEN = 48  # Qwen3-VL text width == the DiT's context_in_dim; differs from the DiT width on purpose

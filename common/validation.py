@@ -31,9 +31,12 @@ from imagegen.common.options import (
     check_pixels,
 )
 
-# Largest encoded size per pixel, by output format: NPY float32 RGB; PNG of incompressible data (RGB plus the
-# per-row filter byte, rounded up); JPEG and WEBP stay below raw RGB at the encoders' default quality.
-_BYTES_PER_PIXEL = {"NPY": 12, "PNG": 4, "JPEG": 3, "WEBP": 3}
+# Largest encoded size per pixel and channel, by output format: NPY float32; PNG of incompressible data (the
+# channels plus the per-row filter byte, rounded up: one more byte per pixel); JPEG and WEBP stay below the raw
+# bytes at the encoders' default quality.
+_BYTES_PER_CHANNEL = {"NPY": 4, "PNG": 1, "JPEG": 1, "WEBP": 1}
+_EXTRA_BYTES_PER_PIXEL = {"NPY": 0, "PNG": 1, "JPEG": 0, "WEBP": 0}
+ALPHA_FORMATS = ("PNG", "WEBP", "NPY")  # the output formats that keep a fourth (alpha) channel
 _PER_IMAGE_OVERHEAD = 4096  # headers and chunking
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -63,13 +66,20 @@ def check_resolved(
     check_bounds(options, defaults, limits, prefix)
 
 
-def response_bytes(num_images: int, width: int, height: int, fmt: str) -> int:
-    """An upper bound of the encoded images' size."""
-    return num_images * (width * height * _BYTES_PER_PIXEL[fmt] + _PER_IMAGE_OVERHEAD)
+def response_bytes(num_images: int, width: int, height: int, fmt: str, channels: int = 3) -> int:
+    """An upper bound of the encoded images' size (`channels` per pixel: 3 RGB, 4 RGBA)."""
+    per_pixel = channels * _BYTES_PER_CHANNEL[fmt] + _EXTRA_BYTES_PER_PIXEL[fmt]
+    return num_images * (width * height * per_pixel + _PER_IMAGE_OVERHEAD)
 
 
-def check_response_size(num_images: int, width: int, height: int, fmt: str, limits: Limits) -> None:
-    size = response_bytes(num_images, width, height, fmt)
+def check_output_format(fmt: str, channels: int, family: str, field: str = "output_format") -> None:
+    """Refuse a format that cannot hold the family's images (RGBA as JPEG), before any work."""
+    if channels == 4 and fmt not in ALPHA_FORMATS:
+        raise InvalidArgument(field, f"{fmt} has no alpha channel for {family}'s RGBA images: use PNG, WEBP or NPY")
+
+
+def check_response_size(num_images: int, width: int, height: int, fmt: str, limits: Limits, channels: int = 3) -> None:
+    size = response_bytes(num_images, width, height, fmt, channels)
     if size > limits.max_response_bytes:
         raise ResponseTooLarge(
             f"{num_images} {fmt} images of {width}x{height} may take {size} bytes; the response limit is "

@@ -24,8 +24,11 @@ Defaults (each equals the diffusers 0.42.1 pipeline's default for the family):
                         1024x1024 pixels, no negative prompt
   z-image               steps 50, guidance 5.0 (CFG on when > 0, negative prompt "" by default),
                         1024x1024, max sequence length 512, cfg normalization off, cfg truncation 1.0
+  qwen-image-2.1        steps 40 (Turbo: its stored sigma grid, whatever --steps says), guidance
+                        (true_cfg_scale) 1.0, so no CFG unless --guidance-scale > 1 and --negative-prompt;
+                        1024x1024, width and height multiples of 32; RGBA output
   A model folder's imagegen.json (e.g. {"steps": 8, "guidance_scale": 0.0} for Z-Image-Turbo) replaces these;
-  published Turbo folders have none: add it, or pass --steps 8 --guidance-scale 0.
+  published Z-Image-Turbo folders have none: add it, or pass --steps 8 --guidance-scale 0.
 The seed defaults to a random one, printed so that the image can be reproduced.
 """
 
@@ -42,8 +45,8 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help="HOST:PORT of a running gateway; default: run in this process")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", help="enables CFG (Qwen: with --guidance-scale > 1)")
-    parser.add_argument("--width", type=int, help="multiple of 16")
-    parser.add_argument("--height", type=int, help="multiple of 16")
+    parser.add_argument("--width", type=int, help="multiple of 16 (qwen-image-2.1: 32)")
+    parser.add_argument("--height", type=int, help="multiple of 16 (qwen-image-2.1: 32)")
     parser.add_argument("--steps", type=int, help="denoising steps")
     parser.add_argument(
         "--guidance-scale", type=float, help="true_cfg_scale for the Qwen families, guidance_scale for Z-Image"
@@ -141,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny", help="build a tiny random-weight checkpoint of the real classes")
     tiny.add_argument("--family", required=True, choices=list(FAMILIES))
     tiny.add_argument(
-        "--variant", help="z-image: turbo (with imagegen.json: 8 steps, guidance 0); qwen-image-edit-plus: 2511"
+        "--variant",
+        help="z-image: turbo (with imagegen.json: 8 steps, guidance 0); qwen-image-2.1: turbo (its sigma grid); "
+        "qwen-image-edit-plus: 2511",
     )
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)

@@ -16,9 +16,10 @@ def add_serve_parser(subcommands: argparse._SubParsersAction) -> None:
 def serve(args: argparse.Namespace) -> int:
     """Run the chosen service(s); returns the process exit status. Configuration errors raise ImagegenError."""
     import asyncio
+    from dataclasses import replace
 
     from imagegen.common.kernels import configure_compiler
-    from imagegen.common.serving.config import bind_host
+    from imagegen.common.serving.exposure import resolve_exposure
     from imagegen.common.serving.hosting import HostedModel, pin_torch_threads
     from imagegen.common.serving.logs import configure_logging
     from imagegen.common.serving.server import serve as run_servers
@@ -37,7 +38,10 @@ def serve(args: argparse.Namespace) -> int:
 
             model = HostedModel.from_args(args)
             return follow(DenoiserConfig.from_flags(args, model))  # the same GroupSpec rank 0 builds
-    args.host = bind_host(args.host, public=args.service in ("gateway", "all"))
-    tls = TlsConfig.from_args(args.tls_cert, args.tls_key, args.tls_ca)
-    servers = run_servers(endpoints(args, tls), args.drain_timeout, args.host, args.metrics_port, args.health_port)
+    # Closed by default (issue 20): loopback unless --host; beyond it only with credentials or an explicit opt-in.
+    token = resolve_exposure(args)
+    tls = replace(TlsConfig.from_args(args.tls_cert, args.tls_key, args.tls_ca), internal_token=token)
+    servers = run_servers(
+        endpoints(args, tls), args.drain_timeout, args.metrics_host, args.metrics_port, args.health_port, args.host
+    )
     return asyncio.run(servers)

@@ -16,6 +16,7 @@ from imagegen.common.serving.config import (
     positive_int,
 )
 from imagegen.common.stage_settings import COLLECTIVE_TIMEOUT_S, DEFAULT_LORA_CACHE_MB
+from imagegen.services.security_flags import add_security_flags
 
 # Batching defaults, measured (docs/benchmarks.md, one H200): on the fast path one request already keeps the card
 # compute-bound at 512^2 and up, so batches of 8 were 2-7% slower than one at a time; batching stays opt-in.
@@ -201,3 +202,4 @@ def add_service_parsers(services: argparse._SubParsersAction) -> None:
         parser = services.add_parser(name, help=HELP[name], description=HELP[name])
         add_common_flags(parser, *PORTS[name if name != "all" else "gateway"])
         add(parser)
+        add_security_flags(parser, name)  # issue 20: exposure, credentials, admission (services/security_flags.py)

@@ -1,15 +1,22 @@
-"""ImageService, the public API: authenticates, validates and runs requests through the stage services."""
+"""ImageService, the public API: authenticates, validates and runs requests through the stage services.
+
+Admission, in order: the API key (from the metadata, before the message is read: `auth.KeyInterceptor`), the
+key's in-flight quota, validation, the cost model (`--max-request-work`) and the key's work-per-minute quota, then
+a fair turn among `--max-active-requests` (`common.serving.quota`); a caller's deadline is cut to --max-timeout.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 
 import grpc
 
-from imagegen.common.serving.auth import ApiKeys
+from imagegen.common.serving.auth import ApiKeys, KeyInterceptor
 from imagegen.common.serving.config import limits_from_args
 from imagegen.common.serving.gateway import Gateway
 from imagegen.common.serving.handlers import rpc
+from imagegen.common.serving.quota import ANONYMOUS, QuotaConfig, Quotas, check_work
 from imagegen.common.serving.retry import Deadline, RetryPolicy
 from imagegen.common.serving.routes import Route, RouteTable, parse_routes
 from imagegen.common.serving.server import Service
@@ -21,23 +28,47 @@ SERVICE = "imagegen.v1.ImageService"
 
 
 class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
-    def __init__(self, gateway: Gateway, keys: ApiKeys | None, policy: RetryPolicy, default_timeout: float) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        keys: ApiKeys | None,
+        policy: RetryPolicy,
+        default_timeout: float,
+        max_timeout: float = math.inf,
+        max_work: float = 0.0,
+        quotas: Quotas | None = None,
+    ) -> None:
         self.gateway = gateway
         self.keys = keys
         self.policy = policy
         self.default_timeout = default_timeout
+        self.max_timeout = max_timeout
+        self.max_work = max_work
+        self.quotas = quotas or Quotas(QuotaConfig(key_in_flight=0, max_active=0))
 
-    def _authenticate(self, context) -> None:
-        if self.keys is not None:
-            self.keys.check(context.invocation_metadata())
+    def _authenticate(self, context) -> str:
+        """The caller's key id (ANONYMOUS without keys); UNAUTHENTICATED without a valid key."""
+        if self.keys is None:
+            return ANONYMOUS
+        return self.keys.check(context.invocation_metadata())
+
+    def _deadline(self, context) -> Deadline:
+        """The caller's deadline (or the default), never more than --max-timeout away."""
+        asked = context.time_remaining()
+        seconds = self.default_timeout if asked is None else asked
+        return Deadline(min(seconds, self.max_timeout))
 
     async def _events(self, request, context, images, progress: bool = True):
-        self._authenticate(context)
-        # One budget for every stage call of this request, within its deadline (or the server's default).
-        budget = self.policy.budget(Deadline.within(context.time_remaining(), self.default_timeout))
-        job = await self.gateway.validate(request, images, budget)
-        async for event in self.gateway.run(job, budget, progress):
-            yield event
+        key = self._authenticate(context)
+        with self.quotas.hold(key):  # QUOTA_IN_FLIGHT before anything is decoded or waited for
+            deadline = self._deadline(context)
+            # One budget for every stage call of this request, within its deadline.
+            budget = self.policy.budget(deadline)
+            job = await self.gateway.validate(request, images, budget)
+            self.quotas.charge(key, check_work(job.resolved, self.max_work))
+            async with self.quotas.turn(key, deadline.left()):
+                async for event in self.gateway.run(job, budget, progress):
+                    yield event
 
     async def _unary(self, request, context, images) -> image_service_pb2.ImageResponse:
         async for event in self._events(request, context, images, progress=False):
@@ -110,11 +141,19 @@ def make_service(args: argparse.Namespace, tls: TlsConfig) -> Service:
         table = parse_routes(args.routes)
     else:
         table = {args.default_model: {"encoder": args.encoder, "denoiser": args.denoiser, "vae": args.vae}}
-    keys = ApiKeys(args.api_keys_file) if args.api_keys_file else None
+    keys = ApiKeys(args.api_keys_file, args.min_key_length) if args.api_keys_file else None
     limits = limits_from_args(args)
     policy = RetryPolicy()
     routes = RouteTable(table, args.default_model, tls, policy, args.max_message_bytes)
-    servicer = ImageServicer(Gateway(routes, limits), keys, policy, args.default_timeout)
+    quotas = Quotas(
+        QuotaConfig(args.key_max_in_flight, args.key_work_per_minute, args.max_active_requests)
+        if keys is not None
+        else QuotaConfig(key_in_flight=0, max_active=args.max_active_requests)  # one tenant: no per-key quota
+    )
+    gateway = Gateway(routes, limits, args.max_decoded_bytes)
+    servicer = ImageServicer(
+        gateway, keys, policy, args.default_timeout, args.max_timeout, args.max_request_work, quotas
+    )
     # Room for the largest allowed request: every input image at the byte limit, plus the options.
     max_receive_bytes = min(args.max_images * args.max_input_bytes + (1 << 20), 2**31 - 1)
     return Service(
@@ -124,14 +163,21 @@ def make_service(args: argparse.Namespace, tls: TlsConfig) -> Service:
         close=routes.close,
         internal=False,
         max_receive_bytes=max_receive_bytes,
-        listeners=[_http_listener(args, servicer, max_receive_bytes)] if args.http_port else [],
+        listeners=[_http_listener(args, servicer, keys)] if args.http_port else [],
+        # The key is checked from the metadata before the message is read (the servicer checks it again for
+        # the key's quotas); the RPCs in flight are bounded.
+        interceptors=[KeyInterceptor(keys)] if keys is not None else [],
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
     )
 
 
-def _http_listener(args: argparse.Namespace, servicer: ImageServicer, max_body_bytes: int):
+def _http_listener(args: argparse.Namespace, servicer: ImageServicer, keys: ApiKeys | None):
     """The OpenAI-compatible HTTP API (--http-port) over this servicer, with the public port's TLS."""
+    from imagegen.common.serving.admission import AdmissionConfig
     from imagegen.services.http_api import build_app  # FastAPI only where HTTP is on
-    from imagegen.services.http_server import HttpListener
+    from imagegen.services.http_server import ConnectionLimits, HttpListener
 
-    app = build_app(servicer, max_body_bytes, args.max_images)
-    return HttpListener(app, args.host, args.http_port, args.tls_cert, args.tls_key)
+    admission = AdmissionConfig.from_args(args, keys)
+    app = build_app(servicer, admission, args.max_images)
+    limits = ConnectionLimits(args.http_max_connections, args.http_header_timeout, args.http_keep_alive)
+    return HttpListener(app, args.host, args.http_port, args.tls_cert, args.tls_key, limits)

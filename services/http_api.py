@@ -14,6 +14,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -25,11 +26,12 @@ from fastapi.exceptions import RequestValidationError
 from imagegen_client.status import parse_error
 from imagegen_client.v1 import common_pb2, image_service_pb2
 from pydantic import ValidationError
-from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, StreamingResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive
 
+from imagegen.common.serving.admission import Admission, AdmissionConfig
+from imagegen.common.serving.echo import clip
 from imagegen.common.serving.status import RpcFailure
 from imagegen.services.http_errors import (
     HttpAbort,
@@ -39,6 +41,7 @@ from imagegen.services.http_errors import (
     plain_error,
     status_of,
 )
+from imagegen.services.http_multipart import MultipartError, PartLimits, parse_multipart
 from imagegen.services.http_params import (
     ImageEditFields,
     ImageGenerationRequest,
@@ -52,10 +55,12 @@ _USAGE = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "input_token
 _ERRORS: dict[int | str, Any] = {"4XX": {"description": "OpenAI error shape"}, "5XX": {"description": "same"}}
 CLIENT_GONE = 499  # nginx's "client closed request": the status of an answer nobody receives, for the record
 T = TypeVar("T")
+log = logging.getLogger("imagegen.http")
 
 
-def build_app(servicer, max_body_bytes: int, max_images: int) -> FastAPI:
-    """The HTTP app over `servicer` (an `ImageServicer`); bodies over `max_body_bytes` are answered 413."""
+def build_app(servicer, admission: AdmissionConfig, max_images: int) -> FastAPI:
+    """The HTTP app over `servicer` (an `ImageServicer`), behind `Admission` (origin, API key, requests in
+    flight, body limits per route: `common.serving.admission`)."""
     app = FastAPI(
         title="imagegen OpenAI-compatible Images API",
         version="1",
@@ -63,8 +68,9 @@ def build_app(servicer, max_body_bytes: int, max_images: int) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(Admission, config=admission)
     _add_error_handlers(app)
+    part_limits = PartLimits(max_files=max_images + 1, file_bytes=admission.file_part_bytes)
 
     @app.post("/v1/images/generations", responses=_ERRORS)
     async def generations(body: ImageGenerationRequest, request: Request):  # type: ignore[valid-type]
@@ -79,7 +85,7 @@ def build_app(servicer, max_body_bytes: int, max_images: int) -> FastAPI:
         },
     )
     async def edits(request: Request):
-        body, images = await _edit_form(request, max_images)
+        body, images = await _edit_form(request, part_limits)
         message = to_request(body, images)
         return await _answer(request, body, message, servicer.EditImage, servicer.EditImageStream)
 
@@ -94,7 +100,7 @@ def build_app(servicer, max_body_bytes: int, max_images: int) -> FastAPI:
         for summary in listed.models:
             if summary.model_id == model_id:
                 return _model(summary, listed.default_model)
-        return plain_error(404, f"unknown model {model_id!r}", "model", code="model_not_found")
+        return plain_error(404, f"unknown model {clip(model_id)!r}", "model", code="model_not_found")
 
     return app
 
@@ -109,25 +115,30 @@ def _context(request: Request) -> HttpContext:
         except ValueError:
             timeout = math.nan
         if not 0 < timeout < math.inf:
-            raise HTTPException(400, f"{TIMEOUT_HEADER} must be a positive number of seconds, got {text!r}")
+            raise HTTPException(400, f"{TIMEOUT_HEADER} must be a positive number of seconds, got {clip(text)!r}")
     return HttpContext(request.headers.get("authorization"), timeout)
 
 
-async def _edit_form(request: Request, max_images: int):
-    """The multipart edit body -> (validated fields, image bytes); parsing is Starlette's (python-multipart)."""
-    async with request.form(max_files=max_images + 1) as form:
-        images, fields = [], {}
-        for key, value in form.multi_items():
-            if key == "mask":
-                raise BadParam("mask", "masks are not supported: the model edits the whole image")
-            if key in IMAGE_FIELDS:
-                if not isinstance(value, UploadFile):
-                    raise BadParam(key, "must be a file part")
-                images.append(await value.read())
-            elif isinstance(value, UploadFile):
-                raise BadParam(key, "must be a text field, not a file")
-            else:
-                fields[key] = value
+async def _edit_form(request: Request, limits: PartLimits):
+    """The multipart edit body -> (validated fields, image bytes), each part held to its limit as it streams
+    in (`http_multipart`)."""
+    try:
+        parts = await parse_multipart(request.headers.get("content-type", ""), request.stream(), limits)
+    except MultipartError as exc:
+        raise BadParam(exc.param or "body", str(exc), exc.status) from None
+    images, fields = [], {}
+    for part in parts:
+        key = part.name
+        if key == "mask":
+            raise BadParam("mask", "masks are not supported: the model edits the whole image")
+        if key in IMAGE_FIELDS:
+            if not part.is_file:
+                raise BadParam(key, "must be a file part")
+            images.append(bytes(part.data))
+        elif part.is_file:
+            raise BadParam(clip(key), "must be a text field, not a file")
+        else:
+            fields[key] = part.data.decode(errors="replace")
     if not images:
         raise BadParam("image", "at least one image is required")
     try:
@@ -137,10 +148,10 @@ async def _edit_form(request: Request, max_images: int):
 
 
 class BadParam(HTTPException):
-    """A 400 that names its parameter (the form's own checks, before the servicer's)."""
+    """A 400 (or `status`) that names its parameter (the form's own checks, before the servicer's)."""
 
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(400, f"{param}: {message}")
+    def __init__(self, param: str, message: str, status: int = 400) -> None:
+        super().__init__(status, message if message.startswith(f"{param}:") else f"{param}: {message}")
         self.param = param
 
 
@@ -294,37 +305,22 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
-        location = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
-        param = location[0] if location else None
-        message = f"{'.'.join(location) or 'body'}: {first.get('msg', 'invalid request')}"
+        # Only the names in `loc`: a JSON decode error's integer parts are byte offsets, and keys are the
+        # caller's strings (clipped).
+        location = [clip(part) for part in first.get("loc", ()) if isinstance(part, str) and part != "body"]
+        param = location[0] if location and first.get("type") != "json_invalid" else None
+        message = f"{'.'.join(location) or 'body'}: {clip(str(first.get('msg', 'invalid request')), 200)}"
         return plain_error(400, message, param)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException):
         return plain_error(exc.status_code, str(exc.detail), getattr(exc, "param", None))
 
+    @app.exception_handler(UnicodeError)
+    async def bad_text(_request: Request, _exc: UnicodeError):  # e.g. a lone surrogate ("\ud800") in a string
+        return plain_error(400, "body: strings must be valid Unicode (no lone surrogates)")
 
-class BodyLimit:
-    """Answer 413 to a request body over `limit` bytes, before it is read whole (declared or streamed)."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.limit:
-            response = plain_error(413, f"the request body is {declared} bytes; the limit is {self.limit}")
-            return await response(scope, receive, send)
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise HTTPException(413, f"the request body exceeds the limit of {self.limit} bytes")
-            return message
-
-        await self.app(scope, limited, send)
+    @app.exception_handler(Exception)
+    async def internal(_request: Request, exc: Exception):
+        log.error("unhandled HTTP error", exc_info=exc)
+        return JSONResponse(error_body("internal error", "server_error", "internal_error"), 500)

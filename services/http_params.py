@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from imagegen_client.v1 import common_pb2, image_service_pb2
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, create_model
 
 from imagegen.common.options import ADVERTISED_SIZES
 from imagegen.common.serving.status import invalid_argument
@@ -35,7 +35,9 @@ def _json_text(value: Any) -> Any:
     return value
 
 
-Loras = Annotated[dict[str, Float], BeforeValidator(_json_text)]
+# Names are short: a caller's 20 MiB model or adapter name must not come back in an error (or a log line).
+Name = Annotated[str, StringConstraints(max_length=128)]
+Loras = Annotated[dict[Name, Float], BeforeValidator(_json_text), Field(max_length=64)]
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class Param:
 
 PARAMS: tuple[Param, ...] = (
     Param("prompt", str, "What to draw, or how to change the input images.", "prompt", default=...),
-    Param("model", str | None, "Model id (GET /v1/models); unset: the gateway's default model.", "model"),
+    Param("model", Name | None, "Model id (GET /v1/models); unset: the gateway's default model.", "model"),
     Param("n", Int32 | None, "Number of images (default 1).", "num_images"),
     Param(
         "size",
@@ -68,7 +70,7 @@ PARAMS: tuple[Param, ...] = (
         Annotated[int, Field(ge=0, le=3)] | None,
         "Accepted for compatibility: this server streams progress events, not partial images.",
     ),
-    Param("user", str | None, "Accepted and ignored."),
+    Param("user", Annotated[str, StringConstraints(max_length=256)] | None, "Accepted and ignored."),
     Param("negative_prompt", str | None, "What to steer away from (true CFG).", "negative_prompt", extension=True),
     Param("seed", Int64 | None, "Random seed; unset: random (the response tells which).", "seed", extension=True),
     Param("num_inference_steps", Int32 | None, "Denoising steps; unset: the model's default.", "steps", extension=True),

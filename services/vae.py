@@ -25,6 +25,7 @@ from imagegen.common.serving.server import Service
 from imagegen.common.validation import (
     check_image_blobs,
     check_latents,
+    check_output_format,
     check_response_size,
 )
 from imagegen.common.wire import LATENTS, pack, unpack
@@ -75,14 +76,16 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
     @rpc(SERVICE)
     async def Decode(self, request: vae_pb2.DecodeRequest, context) -> vae_pb2.DecodeResponse:
         require_ready(self.stage is not None, "vae")
+        family = self.model.family
         fmt = format_name(request.output_format)
+        check_output_format(fmt, family.defaults.output_channels, family.name)
         width, height = request.width, request.height
-        check_size(width, height, self.limits)
+        check_size(width, height, self.limits, multiple=family.defaults.size_multiple)
         caller = Caller(context, self.default_timeout)
         latents = await in_executor(self.executor, unpack, request.latents, LATENTS, "latents", unwanted=caller.gone)
-        per_image = latent_shape(self.model.family, self.stage, width, height)
+        per_image = latent_shape(family, self.stage, width, height)
         count = check_latents(latents, per_image, width, height, self.limits)
-        check_response_size(count, width, height, fmt, self.limits)
+        check_response_size(count, width, height, fmt, self.limits, family.defaults.output_channels)
         value = request.output_format or common_pb2.OUTPUT_FORMAT_PNG
         response = vae_pb2.DecodeResponse()
         blobs = await in_executor(self.executor, self._decode, latents, width, height, fmt, unwanted=caller.gone)

@@ -190,3 +190,34 @@ class RedisServer(Process):
             except OSError:
                 time.sleep(0.05)
         raise TimeoutError(f"redis-server on {self.port} did not answer PING:\n{self.log()}")
+
+
+class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds fixed metadata (e.g. the internal token of `serve all`'s stages) to every call."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.metadata = metadata
+
+    def _details(self, details):
+        return details._replace(metadata=(*(details.metadata or ()), *self.metadata))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+
+INTERNAL_TOKEN = "test-internal-token-0123456789"  # `serve all`'s stages require it (issue 20)
+
+
+def internal_channel(address: str, token: str = INTERNAL_TOKEN) -> grpc.Channel:
+    """A plaintext channel to a stage that sends the internal token."""
+    return grpc.intercept_channel(grpc.insecure_channel(address), _Metadata((("x-imagegen-internal-token", token),)))
+
+
+def token_env(folder: Path, token: str = INTERNAL_TOKEN, **extra: str) -> dict[str, str]:
+    """A service environment whose internal token is `token` (in a file under `folder`)."""
+    path = folder / "internal-token"
+    path.write_text(token + "\n")
+    return service_env(IMAGEGEN_INTERNAL_TOKEN_FILE=str(path), **extra)

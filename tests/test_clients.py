@@ -264,7 +264,7 @@ def _wait_stage(events, stage: int) -> None:
 # ---------------------------------------------------------------------------------------------- schemathesis
 def test_openapi_fuzz_finds_no_server_error(servers):
     base = f"http://127.0.0.1:{servers['edit'].http_port}"
-    schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json", headers=AUTH)  # behind the key (issue 20)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/v1/images/generations", "/v1/images/edits", "/v1/models"}
     seen: dict[str, set[int]] = {}

@@ -44,7 +44,7 @@ from imagegen.v1 import (
     vae_pb2,
     vae_pb2_grpc,
 )
-from tests.service_harness import TORCH_THREADS, RedisServer, Service, free_port, stop_all
+from tests.service_harness import TORCH_THREADS, RedisServer, Service, free_port, internal_channel, stop_all, token_env
 
 EDIT, ZIMAGE = "qwen-image-edit", "z-image"
 EMBED_DIM = {EDIT: QWEN_TEXT_HIDDEN, ZIMAGE: QWEN3_HIDDEN}
@@ -128,12 +128,16 @@ def stack(tmp_path_factory):
             stages = {stage: f"127.0.0.1:{free_port()}" for stage in ("encoder", "denoiser", "vae")}
             args = ["--model", str(tiny_checkpoint_cached(model)), "--model-id", model, *LIMITS, *cache]
             args += [f"--{stage}={address}" for stage, address in stages.items()]
-            servers[model] = Service(f"all-{model}", "all", args, logs)
+            servers[model] = Service(f"all-{model}", "all", args, logs, env=token_env(logs))
             addresses.update({f"{model}/{stage}": address for stage, address in stages.items()})
         for model, server in servers.items():
             server.wait_serving(timeout=180)
             addresses[f"{model}/gateway"] = server.address
-        channels = {name: grpc.insecure_channel(address) for name, address in addresses.items()}
+        # The stages require `serve all`'s internal token (issue 20); the gateway takes anyone (no keys).
+        channels = {
+            name: grpc.insecure_channel(address) if name.endswith("/gateway") else internal_channel(address)
+            for name, address in addresses.items()
+        }
         yield Stack(servers, redis_server, channels, Counter())
         for channel in channels.values():
             channel.close()

@@ -599,7 +599,10 @@ def test_internal_redis_is_a_statefulset_reached_through_its_service(rendered):
     assert redis["kind"] == "StatefulSet"
     container = main_container(redis["spec"]["template"])
     assert container["image"].split("/")[-1] == "redis:7"
-    assert "--requirepass" in container["args"]
+    # The password is configuration on stdin, not an argument of redis-server (issue 20: /proc/1/cmdline).
+    (script,) = container["args"]
+    assert container["command"] == ["sh", "-c"] and "redis-server -" in script and "requirepass" in script
+    assert "$REDIS_PASSWORD" in script and "$(REDIS_PASSWORD)" not in script
     secret_ref = env(container)["REDIS_PASSWORD"]["secretKeyRef"]
     assert secret_ref["name"] in {s["metadata"]["name"] for s in of_kind(objs, "Secret")}
     services = {s["metadata"]["name"]: s for s in of_kind(objs, "Service")}
@@ -793,3 +796,69 @@ def test_gateway_serves_the_openai_http_api_unless_disabled(helm, rendered, tmp_
     assert "http" not in named_ports(container) and env(container)["IMAGEGEN_HTTP_PORT"] == "0"
     (service,) = [s for s in of_kind(objs, "Service") if s["metadata"]["name"].endswith("-gateway")]
     assert [p["name"] for p in service["spec"]["ports"]] == ["grpc"]
+
+
+# --- issue 20: closed by default --------------------------------------------------------------------------------
+
+
+def _gateway_container(objs: list[dict]) -> dict:
+    (gateway,) = [w for w in workloads(objs) if w["metadata"]["name"].endswith("-gateway")]
+    return main_container(gateway["spec"]["template"])
+
+
+def test_default_values_expose_no_gateway_without_keys(helm, rendered):
+    """The defaults: no keys, so the gateway is a ClusterIP Service only; nothing is NodePort or LoadBalancer."""
+    objs = rendered["defaults"]
+    assert merged_values("defaults")["gateway"]["apiKeys"]["enabled"] is False
+    assert {s["spec"].get("type", "ClusterIP") for s in of_kind(objs, "Service")} == {"ClusterIP"}
+    variables = env(_gateway_container(objs))
+    assert variables["IMAGEGEN_ALLOW_UNAUTHENTICATED"] == "1" and "IMAGEGEN_API_KEYS_FILE" not in variables
+
+
+@pytest.mark.parametrize("kind", ["LoadBalancer", "NodePort"])
+def test_chart_refuses_an_exposed_gateway_without_keys(helm, tmp_path, kind):
+    proc = _helm(helm, "template", [_write(tmp_path, f"gateway:\n  service:\n    type: {kind}\n")])
+    assert proc.returncode != 0 and "allowUnauthenticated" in proc.stderr
+    allowed = f"gateway:\n  allowUnauthenticated: true\n  service:\n    type: {kind}\n"
+    objs = render(helm, _write(tmp_path, allowed))
+    assert env(_gateway_container(objs))["IMAGEGEN_ALLOW_UNAUTHENTICATED"] == "1"
+    keyed = f"gateway:\n  apiKeys: {{enabled: true, keys: [k-0123456789abcdef]}}\n  service:\n    type: {kind}\n"
+    variables = env(_gateway_container(render(helm, _write(tmp_path, keyed))))
+    assert "IMAGEGEN_ALLOW_UNAUTHENTICATED" not in variables and variables["IMAGEGEN_API_KEYS_FILE"]
+
+
+def test_every_pod_gets_the_internal_token_as_a_file_and_metrics_on_its_address(rendered):
+    for name, objs in rendered.items():
+        secrets = {s["metadata"]["name"]: s for s in of_kind(objs, "Secret")}
+        (token,) = [s for s in secrets.values() if s["metadata"]["name"].endswith("-internal-token")]
+        assert len(token["data"]["internal-token"]) >= 48, name
+        for _, pod in pod_templates(objs):
+            if labels(pod)[COMPONENT] not in ("gateway", "encoder", "denoiser", "vae"):
+                continue
+            container = main_container(pod)
+            variables = env(container)
+            path = variables["IMAGEGEN_INTERNAL_TOKEN_FILE"]
+            mounts = {m["name"]: m for m in container["volumeMounts"]}
+            assert path.startswith(mounts["internal-token"]["mountPath"]), name
+            volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+            assert volumes["internal-token"]["secret"]["secretName"] == token["metadata"]["name"]
+            assert variables["IMAGEGEN_METRICS_HOST"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+            assert "IMAGEGEN_ALLOW_UNAUTHENTICATED" not in variables or labels(pod)[COMPONENT] == "gateway"
+            assert not any("token" in a or "password" in a.lower() for a in container.get("args", []))
+
+
+def test_metrics_ports_are_closed_unless_peers_are_named(helm, rendered, tmp_path):
+    def metrics_rules(objs):
+        rules = []
+        for policy in of_kind(objs, "NetworkPolicy"):
+            for rule in policy["spec"].get("ingress", []):
+                if any(p["port"] in METRICS_PORTS.values() for p in rule.get("ports", [])):
+                    rules.append(rule)
+        return rules
+
+    assert metrics_rules(rendered["defaults"]) == []
+    peers = "networkPolicy:\n  metricsFrom:\n    - namespaceSelector: {matchLabels: {name: monitoring}}\n"
+    rules = metrics_rules(render(helm, _write(tmp_path, peers)))
+    assert rules and all(rule["from"][0]["namespaceSelector"] for rule in rules)
+    rules = metrics_rules(render(helm, _write(tmp_path, "networkPolicy:\n  metricsOpen: true\n")))
+    assert rules and all("from" not in rule for rule in rules)

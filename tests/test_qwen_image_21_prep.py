@@ -18,7 +18,7 @@ from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21Att
 from safetensors.torch import load_file, save_file
 
 from imagegen.common.attention import LOCAL_ATTENTION
-from imagegen.common.families.qwen_image_21_dit import (
+from imagegen.common.families.qwen_image_21.dit import (
     Qwen21Sequence,
     QwenImage21DiT,
     layout_for,

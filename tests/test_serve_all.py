@@ -21,8 +21,9 @@ from imagegen_client.sdk import ImageClient, UnavailableError
 from imagegen.cli import main as cli_main
 from imagegen.common.tiny import tiny_checkpoint_cached
 from imagegen.v1 import common_pb2, encoder_pb2_grpc, image_service_pb2, image_service_pb2_grpc
-from tests.service_harness import TORCH_THREADS, Service, free_port, stop_all
+from tests.service_harness import INTERNAL_TOKEN, TORCH_THREADS, Service, free_port, stop_all, token_env
 
+INTERNAL_METADATA = (("x-imagegen-internal-token", INTERNAL_TOKEN),)
 OPTIONS = ["--prompt", "a red fox", "--width", "64", "--height", "48", "--steps", "2", "--seed", "4"]
 
 
@@ -77,7 +78,7 @@ def servers(tmp_path_factory, pki):
     plain = Service("all-plain", "all", model + _stage_ports() + [f"--health-port={free_port()}"], logs)
     tls_flags = ["--tls-cert", str(pki["cert"]), "--tls-key", str(pki["key"]), "--tls-ca", str(pki["ca"])]
     tls_flags.append(f"--health-port={free_port()}")
-    secure = Service("all-tls", "all", model + _stage_ports() + tls_flags, logs)
+    secure = Service("all-tls", "all", model + _stage_ports() + tls_flags, logs, env=token_env(logs))
     try:
         plain.wait_serving()
         secure.wait_serving(credentials=grpc.ssl_channel_credentials(root_certificates=pki["bytes"]["ca"]))
@@ -129,7 +130,8 @@ def test_tls_public_port_and_mtls_between_services(servers, pki):
         with grpc.secure_channel(encoder, credentials) as channel:
             stub = encoder_pb2_grpc.EncoderServiceStub(channel)
             try:
-                info = stub.Describe(common_pb2.DescribeRequest(), timeout=5)
+                # The stages also require the internal token (issue 20).
+                info = stub.Describe(common_pb2.DescribeRequest(), timeout=5, metadata=INTERNAL_METADATA)
                 assert ok and info.model_id == "tiny-qwen"
             except grpc.RpcError as error:
                 assert not ok and error.code() == grpc.StatusCode.UNAVAILABLE

@@ -246,7 +246,8 @@ def test_second_identical_request_is_a_cache_hit(stack):
 def test_denoiser_answers_embeddings_missing_for_an_unknown_key(stack):
     request = denoiser_pb2.DenoiseRequest(
         options=denoiser_pb2.ResolvedOptions(
-            family="qwen-image", prompt="x", steps=2, seed=0, num_images=1, max_sequence_length=512, **SIZE
+            family="qwen-image", prompt="x", steps=2, seed=0, num_images=1, max_sequence_length=512, **SIZE,
+            cfg_truncation=1.0,  # complete, as the gateway resolves it: the stage checks every bound too
         ),
         prompt_embeds=encoder_pb2.Embeddings(key="imagegen:emb:v1:not-there"),
     )

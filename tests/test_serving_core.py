@@ -397,17 +397,17 @@ def _rpc_error(failure: RpcFailure) -> grpc.RpcError:
 # ------------------------------------------------------------------------------------------- auth and config
 def test_api_keys_check_bearer_and_follow_file_changes(tmp_path):
     path = tmp_path / "keys"
-    path.write_text("# comment\nalpha\n\nbeta\n")
+    path.write_text("# comment\nalpha-key-0001\n\nbeta-key-00002\n")
     keys = ApiKeys(path)
-    keys.check([("authorization", "Bearer beta")])
-    for metadata in ([], [("authorization", "Bearer gamma")], [("authorization", "Basic alpha")]):
+    keys.check([("authorization", "Bearer beta-key-00002")])
+    for metadata in ([], [("authorization", "Bearer gamma-key-0003")], [("authorization", "Basic alpha-key-0001")]):
         with pytest.raises(RpcFailure) as caught:
             keys.check(metadata)
         assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
-    path.write_text("gamma\n")
-    keys.check([("authorization", "Bearer gamma")])
+    path.write_text("gamma-key-0003\n")
+    keys.check([("authorization", "Bearer gamma-key-0003")])
     with pytest.raises(RpcFailure):
-        keys.check([("authorization", "Bearer alpha")])
+        keys.check([("authorization", "Bearer alpha-key-0001")])
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ConfigError):
         ApiKeys(tmp_path / "empty")
@@ -420,8 +420,8 @@ def test_flags_read_the_environment_and_flags_win(monkeypatch):
     add_common_flags(parser, port=50052, metrics_port=9101)
     from_env = parser.parse_args([])
     assert (from_env.port, from_env.drain_timeout, from_env.metrics_port, from_env.host) == (6000, 5.0, 9101, None)
-    # Unset --host: the public gateway listens everywhere, the internal stages on loopback only.
-    assert (bind_host(None, public=True), bind_host(None, public=False)) == ("0.0.0.0", "127.0.0.1")
+    # Unset --host: loopback (the CLI asks for it so, for every service: issue 20).
+    assert bind_host(None, public=False) == "127.0.0.1"
     assert bind_host("10.1.2.3", public=False) == "10.1.2.3"
     assert parser.parse_args(["--port", "7000"]).port == 7000
     monkeypatch.setenv("IMAGEGEN_PORT", "not-a-port")

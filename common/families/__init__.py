@@ -1,6 +1,6 @@
-"""The model families: each a package (`qwen_image`, `z_image`) whose `__init__` holds its torch-free facts,
-`pipeline` its stages (encode, prepare, the denoise loop), `vae` its VAE stage, `dit` / `dit_fast` its DiT
-forwards.
+"""The model families: each a package (`qwen_image`, `z_image`, `qwen_image_21`) whose `__init__` holds its
+torch-free facts, `pipeline` its stages (encode, prepare, the denoise loop), `vae` its VAE stage, `dit` /
+`dit_fast` its DiT forwards.
 
 `Family` is the table the stages and services look up by name; nothing outside the family packages knows a
 family-specific fact. Importing this module (or a family's facts) imports neither torch nor diffusers: the
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagegen.common.errors import ModelLoadError
-from imagegen.common.families import qwen_image, z_image
+from imagegen.common.families import qwen_image, qwen_image_21, z_image
 from imagegen.common.options import FamilyDefaults
 
 
@@ -99,10 +99,29 @@ FAMILIES: dict[str, Family] = {
         check_image_sizes=lambda sizes: None,  # takes no images
         stages=("pipeline.ZImageTextEncoder", "vae.ZImageVae", "pipeline.ZImageDenoiser"),
     ),
+    qwen_image_21.NAME: Family(
+        name=qwen_image_21.NAME,
+        package="qwen_image_21",
+        defaults=qwen_image_21.DEFAULTS[qwen_image_21.NAME],
+        template_version=qwen_image_21.TEMPLATE_VERSION,
+        text_components=qwen_image_21.TEXT_COMPONENTS,
+        lora_loader=qwen_image_21.LORA_LOADER,
+        default_size=lambda sizes: None,
+        check_image_sizes=lambda sizes: None,  # served for text-to-image only: takes no images
+        stages=("pipeline.Qwen21TextEncoder", "vae.Qwen21Vae", "pipeline.Qwen21Denoiser"),
+    ),
 }
 # model_index.json's pipeline class -> family, and the classes each family's components may have.
-FAMILY_BY_PIPELINE: dict[str, str] = {**qwen_image.PIPELINE_CLASSES, **z_image.PIPELINE_CLASSES}
-SUPPORTED_CLASSES: dict[str, dict[str, set[str]]] = {**qwen_image.COMPONENT_CLASSES, **z_image.COMPONENT_CLASSES}
+FAMILY_BY_PIPELINE: dict[str, str] = {
+    **qwen_image.PIPELINE_CLASSES,
+    **z_image.PIPELINE_CLASSES,
+    **qwen_image_21.PIPELINE_CLASSES,
+}
+SUPPORTED_CLASSES: dict[str, dict[str, set[str]]] = {
+    **qwen_image.COMPONENT_CLASSES,
+    **z_image.COMPONENT_CLASSES,
+    **qwen_image_21.COMPONENT_CLASSES,
+}
 
 
 def get_family(name: str) -> Family:

@@ -44,7 +44,8 @@ class LoraDefaults:
 
 def check_lora_name(name: str, field: str) -> None:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise InvalidArgument(field, f"must be an adapter name (letters, digits, '.', '_', '-'), got {name!r}")
+        shown = str(name)[:64]  # a caller's string: echoed short
+        raise InvalidArgument(field, f"must be an adapter name (letters, digits, '.', '_', '-'), got {shown!r}")
 
 
 def check_lora_scales(weights: Sequence[tuple[str, float]], prefix: str = "loras") -> None:
@@ -54,7 +55,7 @@ def check_lora_scales(weights: Sequence[tuple[str, float]], prefix: str = "loras
     seen = set()
     for index, (name, scale) in enumerate(weights):
         if name in seen:
-            raise InvalidArgument(f"{prefix}[{index}].name", f"{name!r} is given twice")
+            raise InvalidArgument(f"{prefix}[{index}].name", f"{name[:64]!r} is given twice")
         seen.add(name)
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
             raise InvalidArgument(f"{prefix}[{index}].scale", f"must be a finite number, got {scale!r}")

@@ -14,18 +14,44 @@ import grpc
 from imagegen_client.transport import DEFAULT_MESSAGE_LIMIT, client_options
 
 from imagegen.common.serving import metrics
+from imagegen.common.serving.auth import InternalToken
 from imagegen.common.serving.retry import RetryBudget
 from imagegen.common.serving.tls import TlsConfig
 
 T = TypeVar("T")
 
 
+def _with(metadata: tuple[tuple[str, str], ...], details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    return details._replace(metadata=grpc.aio.Metadata(*(details.metadata or ()), *metadata))  # type: ignore
+
+
+# grpc.aio files an interceptor under one kind only: one class per kind.
+class _UnaryToken(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(_with(self._metadata, client_call_details), request)
+
+
+class _StreamToken(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(_with(self._metadata, client_call_details), request)
+
+
 def internal_channel(address: str, tls: TlsConfig, max_receive_bytes: int = DEFAULT_MESSAGE_LIMIT) -> grpc.aio.Channel:
     options = client_options(max_receive_bytes, internal=True)
     credentials = tls.channel_credentials()
+    interceptors = None
+    if tls.internal_token:  # the stages require it (`auth.TokenInterceptor`)
+        metadata = InternalToken(tls.internal_token).metadata()
+        interceptors = [_UnaryToken(metadata), _StreamToken(metadata)]
     if credentials is None:
-        return grpc.aio.insecure_channel(address, options=options)
-    return grpc.aio.secure_channel(address, credentials, options=options)
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
 
 
 async def call_with_retries(call: Callable[..., Awaitable[T]], request: Any, backend: str, budget: RetryBudget) -> T:

@@ -99,7 +99,7 @@ def bind_host(host: str | None, public: bool) -> str:
 
 def add_common_flags(parser: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
     add_flag(
-        parser, "--host", "IMAGEGEN_HOST", None, "bind address; unset: 0.0.0.0 for the gateway, 127.0.0.1 otherwise"
+        parser, "--host", "IMAGEGEN_HOST", None, "bind address; unset: 127.0.0.1 (beyond it needs credentials)"
     )
     add_flag(parser, "--port", "IMAGEGEN_PORT", port, "gRPC port", type=non_negative_int)
     add_flag(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 from imagegen.common.families.inputs import decode_inputs
+from imagegen.common.images import check_decoded_bytes
 from imagegen.common.lora.registry import check_lora_weights, with_lora_defaults
 from imagegen.common.options import Limits, ResolvedOptions
 from imagegen.common.pipeline import resolve_for
@@ -36,7 +37,7 @@ from imagegen.common.serving.handlers import current_request_id
 from imagegen.common.serving.retry import RetryBudget
 from imagegen.common.serving.routes import Route, RouteTable
 from imagegen.common.serving.status import EMBEDDINGS_MISSING, RpcFailure, parse_error
-from imagegen.common.validation import check_response_size
+from imagegen.common.validation import check_image_blobs, check_output_format, check_response_size
 from imagegen.v1 import common_pb2, denoiser_pb2, encoder_pb2, image_service_pb2, vae_pb2
 
 log = logging.getLogger("imagegen.gateway")
@@ -56,9 +57,10 @@ class Job:
 
 
 class Gateway:
-    def __init__(self, routes: RouteTable, limits: Limits) -> None:
+    def __init__(self, routes: RouteTable, limits: Limits, max_decoded_bytes: int = 1 << 40) -> None:
         self.routes = routes
         self.limits = limits
+        self.max_decoded_bytes = max_decoded_bytes  # all input images of a request, decoded, from their headers
 
     async def validate(self, request, images: Sequence[bytes], budget: RetryBudget) -> Job:
         fmt = format_name(request.output_format)
@@ -70,10 +72,17 @@ class Gateway:
         options = with_lora_defaults(
             request_options(request), [lora_defaults(served[name]) for name, _ in loras if name in served]
         )
-        pil_images = await asyncio.to_thread(decode_inputs, images, family, self.limits) if images else []
+        pil_images = await asyncio.to_thread(self._decode, images, family) if images else []
         resolved = resolve_for(family, options, pil_images, self.limits, route.model_defaults)
-        check_response_size(resolved.num_images, resolved.width, resolved.height, fmt, self.limits)
+        channels = family.defaults.output_channels
+        check_output_format(fmt, channels, family.name)
+        check_response_size(resolved.num_images, resolved.width, resolved.height, fmt, self.limits, channels)
         return Job(current_request_id(), route, resolved, images, request.output_format, loras)
+
+    def _decode(self, images: Sequence[bytes], family) -> list:
+        check_image_blobs(images, family.defaults, family.name, self.limits)  # count and bytes first
+        check_decoded_bytes(list(images), self.max_decoded_bytes)  # from the headers, before any decoding
+        return decode_inputs(images, family, self.limits)
 
     async def run(self, job: Job, budget: RetryBudget, progress: bool = True) -> AsyncIterator[Event]:
         """Progress messages, then the response. Without `progress` the denoiser sends no per-step events (a

@@ -28,6 +28,7 @@ import grpc
 
 from imagegen.common.errors import Cancelled, InvalidArgument
 from imagegen.common.serving import metrics
+from imagegen.common.serving.echo import LOG_ERROR_CHARS, clip
 from imagegen.common.serving.logs import request_id_var
 from imagegen.common.serving.status import (
     QUEUE_FULL,
@@ -110,7 +111,7 @@ class _Rpc:
         metrics.REQUEST_SECONDS.labels(self.service, self.method).observe(elapsed)
         fields = {"method": self.method, "code": code.name, "duration_ms": round(elapsed * 1000, 2)}
         if failure is not None and code != grpc.StatusCode.OK:
-            fields["error"] = failure.message
+            fields["error"] = clip(failure.message, LOG_ERROR_CHARS)  # messages echo callers' strings
         log.info("rpc", extra=fields)
         if failure is not None:
             await self.context.abort(failure.code, failure.message, failure.to_status().trailing_metadata)

@@ -22,6 +22,7 @@ from imagegen.common.options import ModelDefaults
 from imagegen.common.serving.channels import call_with_retries, internal_channel
 from imagegen.common.serving.config import ConfigError
 from imagegen.common.serving.convert import model_defaults_from_proto
+from imagegen.common.serving.echo import clip
 from imagegen.common.serving.retry import Deadline, RetryBudget, RetryPolicy
 from imagegen.common.serving.status import RpcFailure
 from imagegen.common.serving.tls import TlsConfig
@@ -154,7 +155,7 @@ class RouteTable:
                 matches = [r for r in self.routes if r.name == model]
             if not matches:
                 known = ", ".join(sorted(r.name for r in self.routes if r.name)) or "none yet"
-                raise InvalidArgument("model", f"unknown model {model!r} (served: {known})")
+                raise InvalidArgument("model", f"unknown model {clip(model)!r} (served: {clip(known, 512)})")
             route = matches[0]
         return route, await route.describe(budget)
 

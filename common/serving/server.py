@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +29,7 @@ from imagegen_client.transport import DEFAULT_MESSAGE_LIMIT, server_options
 from imagegen.common.errors import ImagegenError
 from imagegen.common.serving.config import ConfigError
 from imagegen.common.serving.health import NOT_SERVING, SERVING, Health
+from imagegen.common.serving.malformed import MalformedRequests
 from imagegen.common.serving.metrics import start_metrics_server
 
 log = logging.getLogger("imagegen.server")
@@ -43,6 +46,10 @@ class Service:
     close: Callable[[], Awaitable[None]] | None = None  # after the drain
     max_receive_bytes: int = DEFAULT_MESSAGE_LIMIT
     internal: bool = True
+    # Server interceptors (the API-key check of the public port) and the bound on RPCs in flight: beyond it
+    # gRPC answers RESOURCE_EXHAUSTED at once instead of taking more work into memory.
+    interceptors: list[Any] = field(default_factory=list)
+    max_concurrent_rpcs: int | None = None
     # Other listeners in front of the same servicer (the gateway's HTTP API): started after the gRPC server,
     # stopped with it. Each has `async start()` and `async stop(grace)`.
     listeners: list[Any] = field(default_factory=list)
@@ -61,6 +68,7 @@ class Endpoint:
     host: str
     port: int
     credentials: grpc.ServerCredentials | None = None
+    interceptors: list[Any] = field(default_factory=list)  # e.g. the internal token check of a stage
     server: grpc.aio.Server | None = field(default=None, init=False)
     health: Health | None = field(default=None, init=False)
 
@@ -70,7 +78,12 @@ class Endpoint:
         return f"{host}:{self.port}"
 
     async def start(self) -> None:
-        server = grpc.aio.server(options=server_options(self.service.max_receive_bytes, self.service.internal))
+        server = grpc.aio.server(
+            options=server_options(self.service.max_receive_bytes, self.service.internal),
+            # Credentials first (refused calls are never parsed), then malformed messages -> INVALID_ARGUMENT.
+            interceptors=[*self.interceptors, *self.service.interceptors, MalformedRequests()],
+            maximum_concurrent_rpcs=self.service.max_concurrent_rpcs,
+        )
         self.health = Health()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.service.register(server)
@@ -100,6 +113,30 @@ class Endpoint:
             await self.health.set(name, SERVING if serving else NOT_SERVING)
 
 
+class RateLimitedExceptions:
+    """The event loop's exception handler, each distinct message logged at most once per `interval` (with a
+    count of those dropped): at the fd limit asyncio reports every failed accept(), hundreds of thousands of
+    lines a second, which would flood the log and starve the process."""
+
+    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval, self.clock = interval, clock
+        self._last: dict[str, float] = {}
+        self._dropped: dict[str, int] = {}
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = str(context.get("message", "unhandled exception in the event loop"))[:200]
+        now = self.clock()
+        if now - self._last.get(message, -math.inf) < self.interval:
+            self._dropped[message] = self._dropped.get(message, 0) + 1
+            return
+        if len(self._last) > 1000:  # bounded, whatever the messages
+            self._last.clear()
+        self._last[message] = now
+        dropped = self._dropped.pop(message, 0)
+        exc = context.get("exception")
+        log.error(message, exc_info=exc if isinstance(exc, BaseException) else None, extra={"repeats": dropped})
+
+
 async def _health_server(host: str, port: int, servicer: Health) -> grpc.aio.Server:
     """A plaintext listener with only grpc.health.v1.Health (the first endpoint's statuses): kubelet gRPC probes
     cannot speak TLS."""
@@ -118,7 +155,12 @@ async def _health_server(host: str, port: int, servicer: Health) -> grpc.aio.Ser
 
 
 async def serve(
-    endpoints: list[Endpoint], drain_timeout: float, metrics_host: str, metrics_port: int, health_port: int = 0
+    endpoints: list[Endpoint],
+    drain_timeout: float,
+    metrics_host: str,
+    metrics_port: int,
+    health_port: int = 0,
+    health_host: str | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT; drain the endpoints in list order (put the gateway first), all within one
     `drain_timeout`. Returns the exit code.
@@ -130,6 +172,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.set_exception_handler(RateLimitedExceptions())
 
     def on_fail(reason: str) -> None:
         def record() -> None:
@@ -145,10 +188,13 @@ async def serve(
     code = 0
     try:
         metrics_server = start_metrics_server(metrics_port, metrics_host)
+        if metrics_port:
+            log.info("metrics listening", extra={"address": f"{metrics_host}:{metrics_port}"})
         for endpoint in endpoints:
             await endpoint.start()
         if health_port:
-            health_server = await _health_server(metrics_host, health_port, endpoints[0].health)
+            # Probes come to the service's own address (the pod IP), wherever metrics listen.
+            health_server = await _health_server(health_host or metrics_host, health_port, endpoints[0].health)
         code = await _prepare_until_stopped(endpoints, stop)
         if code == 0:
             await stop.wait()

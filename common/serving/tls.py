@@ -1,4 +1,5 @@
-"""TLS for the public port and mTLS between services, from PEM files named by --tls-cert/--tls-key/--tls-ca."""
+"""TLS for the public port and mTLS between services, from PEM files named by --tls-cert/--tls-key/--tls-ca, and
+the internal token (`auth.InternalToken`) the gateway's internal channels present to the stages."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class TlsConfig:
     cert: bytes | None = None
     key: bytes | None = None
     ca: bytes | None = None
+    internal_token: str | None = None  # sent on every internal call (the stages require it when they have one)
 
     @classmethod
     def from_args(cls, cert: str | None, key: str | None, ca: str | None) -> TlsConfig:

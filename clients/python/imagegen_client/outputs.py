@@ -17,12 +17,13 @@ FORMATS = (*IMAGE_FORMATS, "NPY")
 
 
 def to_uint8(array: np.ndarray) -> np.ndarray:
-    """float `[..., H, W, 3]` in [0, 1] -> uint8, rounding as the pipelines' PIL output."""
+    """float `[..., H, W, C]` in [0, 1] -> uint8, rounding as the pipelines' PIL output."""
     return (array * 255).round().astype("uint8")
 
 
 def encode_array(array: np.ndarray, fmt: str) -> list[bytes]:
-    """float32 `[K, H, W, 3]` -> one encoded blob per image. NPY blobs are `.npy` files of `[H, W, 3]` float32."""
+    """float32 `[K, H, W, C]` (C = 3 RGB, 4 RGBA) -> one encoded blob per image. NPY blobs are `.npy` files of
+    `[H, W, C]` float32; JPEG cannot hold RGBA (ValueError: the services refuse it before any work)."""
     if fmt == "NPY":
         blobs = []
         for image in array:
@@ -32,6 +33,8 @@ def encode_array(array: np.ndarray, fmt: str) -> list[bytes]:
         return blobs
     if fmt not in IMAGE_FORMATS:
         raise ValueError(f"unknown output format {fmt!r} (known: {', '.join(FORMATS)})")
+    if array.shape[-1] == 4 and fmt == "JPEG":
+        raise ValueError("JPEG has no alpha channel for RGBA images: use PNG, WEBP or NPY")
     blobs = []
     for image in to_uint8(array):
         buffer = io.BytesIO()
@@ -41,11 +44,13 @@ def encode_array(array: np.ndarray, fmt: str) -> list[bytes]:
 
 
 def decode_output(data: bytes, fmt: str) -> np.ndarray:
-    """One blob from `encode_array` -> float32 `[H, W, 3]` in [0, 1] (exact for NPY, /255 for images)."""
+    """One blob from `encode_array` -> float32 `[H, W, C]` in [0, 1] (exact for NPY, /255 for images); an image
+    with alpha keeps its 4 channels."""
     if fmt == "NPY":
         return np.load(io.BytesIO(data), allow_pickle=False)
     with PIL.Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        mode = "RGBA" if "A" in image.getbands() else "RGB"
+        return np.asarray(image.convert(mode), dtype=np.float32) / 255.0
 
 
 def to_pil_images(array: np.ndarray) -> list[PIL.Image.Image]:

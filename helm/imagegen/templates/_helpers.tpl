@@ -267,3 +267,16 @@ api-keys
 {{- end -}}
 {{- $id -}}
 {{- end -}}
+
+{{/* The internal token's Secret and key (internalToken). */}}
+{{- define "imagegen.internalTokenSecretName" -}}
+{{- .Values.internalToken.existingSecret | default (printf "%s-internal-token" (include "imagegen.fullname" .)) -}}
+{{- end -}}
+
+{{- define "imagegen.internalTokenSecretKey" -}}
+{{- if .Values.internalToken.existingSecret -}}
+{{- .Values.internalToken.existingSecretKey -}}
+{{- else -}}
+internal-token
+{{- end -}}
+{{- end -}}

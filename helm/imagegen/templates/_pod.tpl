@@ -99,6 +99,20 @@ internal ones (a stage with lower limits than the gateway would refuse what the 
 - name: IMAGEGEN_HEALTH_PORT
   value: {{ int64 $ports.health | quote }}
 {{- end }}
+{{- /* Issue 20: metrics on the pod address (services default to loopback), the internal token, and the opt-in to
+listening without credentials where the chart has none to give (checked in gateway.yaml for exposed gateways). */}}
+- name: IMAGEGEN_METRICS_HOST
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+{{- if $root.Values.internalToken.enabled }}
+- name: IMAGEGEN_INTERNAL_TOKEN_FILE
+  value: /etc/imagegen/internal/internal-token
+{{- end }}
+{{- if or (and (eq .component "gateway") (not $root.Values.gateway.apiKeys.enabled)) (and (ne .component "gateway") (not $root.Values.internalToken.enabled)) }}
+- name: IMAGEGEN_ALLOW_UNAUTHENTICATED
+  value: "1"
+{{- end }}
 {{ include "imagegen.runtimeEnv" $root }}
 {{- end -}}
 
@@ -250,6 +264,15 @@ for the denoiser). dict "root" $ "model" MODEL_OR_NIL "shm" SIZE_OR_"" "apiKeys"
     secretName: {{ include "imagegen.tlsSecretName" $root }}
     defaultMode: 0440
 {{- end }}
+{{- if $root.Values.internalToken.enabled }}
+- name: internal-token
+  secret:
+    secretName: {{ include "imagegen.internalTokenSecretName" $root }}
+    defaultMode: 0440
+    items:
+      - key: {{ include "imagegen.internalTokenSecretKey" $root }}
+        path: internal-token
+{{- end }}
 {{- if .apiKeys }}
 - name: api-keys
   secret:
@@ -292,6 +315,11 @@ for the denoiser). dict "root" $ "model" MODEL_OR_NIL "shm" SIZE_OR_"" "apiKeys"
 {{- if .root.Values.tls.enabled }}
 - name: tls
   mountPath: /etc/imagegen/tls
+  readOnly: true
+{{- end }}
+{{- if .root.Values.internalToken.enabled }}
+- name: internal-token
+  mountPath: /etc/imagegen/internal
   readOnly: true
 {{- end }}
 {{- if .apiKeys }}

@@ -36,6 +36,7 @@ from imagegen.common.rope import Rotary
 
 TOKENS_PER_SLOT = 4  # one vision-language image slot = a 2x2 group of latent tokens
 MODES = ("full", "extract", "cached")
+NEGATIVE_POSITIONS = 1024  # `QwenImage21Rope` tables end with positions -1024..-1 (after 0..8191)
 
 
 # ------------------------------------------------------------------------------------------------ the sequence
